@@ -1,0 +1,72 @@
+"""Every default of the method in one place, and the progress record the optimiser reports.
+
+Images are float tensors (1, 3, H, W), RGB in 0..1; masks are (H, W) in 0..1 (soft values allowed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+GLOBAL_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_2")
+
+
+@dataclass
+class GlobalStyle:
+    """Gram-matrix style loss (Gatys et al. 2016): colour, texture statistics, overall structure."""
+
+    image: Tensor
+    weight: float = 20.0  # a1
+    layers: tuple[str, ...] = GLOBAL_LAYERS
+    target_mask: Tensor | None = None  # where on the output this style applies (1 = here)
+    style_mask: Tensor | None = None  # which part of the style image it draws from
+    scale: float = 1.0  # style image size relative to the output: > 1 gives smaller brush strokes
+
+
+@dataclass
+class LocalStyle:
+    """MRF patch loss (Li & Wand 2016): every output patch pulled toward its nearest style patch."""
+
+    image: Tensor
+    weight: float = 1e-4  # a2
+    layer: str = "relu3_1"
+    patch_size: int = 3
+    stride: int = 1
+    target_mask: Tensor | None = None
+    style_mask: Tensor | None = None
+    scale: float = 1.0
+
+
+StyleTerm = GlobalStyle | LocalStyle
+
+
+@dataclass
+class Settings:
+    """How to optimise: content term, pyramid, optimiser, reproducibility, reporting."""
+
+    content_weight: float = 20.0  # a3
+    content_layer: str = "relu3_1"
+    size: int = 512  # longest side of the output, in pixels
+    levels: int = 3  # coarse-to-fine pyramid levels, each twice the size of the one before
+    iterations: int = 100  # optimiser iterations per level
+    init: str = "random"  # "random" (the paper) or "content"
+    seed: int = 0
+    history_size: int = 20  # L-BFGS memory; each entry holds two image-sized vectors
+    matcher: str = "exact"  # nearest-patch search of the local loss: "exact" (every style patch)
+    rematch_every: int = 1  # search nearest style patches every n-th iteration (1: every evaluation)
+    preview_every: int = 0  # attach the current image to every n-th progress report (0: never)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One optimiser iteration, as reported to ``on_progress``."""
+
+    level: int  # 1-based pyramid level
+    levels: int
+    iteration: int  # 1-based, within the level
+    iterations: int
+    step: int  # 1-based over all levels
+    steps: int
+    losses: dict[str, float] = field(default_factory=dict)  # weighted terms and "total"
+    image: Tensor | None = None  # (1, 3, H, W) in 0..1 when a preview is due

@@ -1,0 +1,119 @@
+"""Pure functions behind the loss modules: Gram matrices, patch geometry and the MRF patch loss.
+
+Feature maps are (1, C, H, W). Patches are indexed row-major over the grid of patch positions,
+the order ``F.unfold`` uses, so index ``i`` is grid row ``i // cols``, column ``i % cols``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EPS = 1e-8
+
+
+def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B, C, H, W) -> (B, C, C): channel correlations averaged over positions.
+
+    With ``mask`` (broadcastable to (B, 1, H, W), soft values allowed) this is the guided Gram
+    matrix of Gatys et al. 2017: features are weighted by the mask and the average is taken over
+    the mask's weight, so a region's Gram does not depend on how large the region is.
+    """
+    b, c, h, w = features.shape
+    flat = features.reshape(b, c, h * w)
+    if mask is None:
+        return flat @ flat.transpose(1, 2) / (h * w)
+    weight = mask.expand(b, 1, h, w).reshape(b, 1, h * w).to(features.dtype)
+    weighted = flat * weight
+    return weighted @ weighted.transpose(1, 2) / weight.square().sum(-1, keepdim=True).clamp_min(_EPS)
+
+
+def gram_loss(features: Tensor, target_gram: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Relative squared error of the Gram matrix: ||G - G_target||^2 / ||G_target||^2."""
+    return (gram_matrix(features, mask) - target_gram).square().sum() / target_gram.square().sum().clamp_min(_EPS)
+
+
+def content_loss(features: Tensor, target: Tensor, energy: float | Tensor) -> Tensor:
+    """Mean squared feature distance in units of ``energy`` (a mean squared activation)."""
+    return (features - target).square().mean() / max(float(energy), _EPS)
+
+
+def total_variation_loss(image: Tensor) -> Tensor:
+    """Mean squared difference between neighbouring pixels."""
+    dy = (image[..., 1:, :] - image[..., :-1, :]).square().mean()
+    dx = (image[..., :, 1:] - image[..., :, :-1]).square().mean()
+    return dy + dx
+
+
+def patch_grid(height: int, width: int, size: int, stride: int) -> tuple[int, int]:
+    """Rows and columns of patch positions in a (height, width) map."""
+    return (height - size) // stride + 1, (width - size) // stride + 1
+
+
+def patches(features: Tensor, size: int, stride: int, rows: slice = slice(None)) -> Tensor:
+    """Patches of grid rows ``rows`` as an (N, C * size * size) matrix."""
+    n_rows, _ = patch_grid(features.shape[-2], features.shape[-1], size, stride)
+    start, stop, _ = rows.indices(n_rows)
+    band = features[..., start * stride : (stop - 1) * stride + size, :]
+    return F.unfold(band, size, stride=stride)[0].T
+
+
+def patch_norms(features: Tensor, size: int, stride: int) -> Tensor:
+    """L2 norm of every patch, (N,), without unfolding them all."""
+    energy = features.square().sum(1, keepdim=True)
+    ones = torch.ones(1, 1, size, size, dtype=features.dtype, device=features.device)
+    return F.conv2d(energy, ones, stride=stride).flatten().clamp_min(0).sqrt()
+
+
+def patch_weights(mask: Tensor, size: int, stride: int) -> Tensor:
+    """Per-patch weight from a (H, W) mask at the feature resolution: the mask at each patch centre."""
+    centre = size // 2
+    return mask[centre : centre + (mask.shape[-2] - size) + 1 : stride, centre : centre + (mask.shape[-1] - size) + 1 : stride].flatten()
+
+
+def mrf_targets(
+    style: Tensor,
+    indices: Tensor,
+    shape: tuple[int, int],
+    size: int,
+    stride: int,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Summarise the matched style patches as per-position maps, for ``mrf_loss``.
+
+    ``indices[i]`` is the style patch matched to output patch ``i`` on a map of ``shape``. Returns
+    (coverage, mean target, residual): ``coverage`` (1, 1, H, W) is the total weight of the patches
+    covering each position, ``mean target`` (1, C, H, W) their weighted mean matched value there,
+    and ``residual`` the part of the loss no output can remove (matched patches that overlap
+    disagree). Built patch offset by patch offset, so no patch matrix is ever held.
+    """
+    height, width = shape
+    rows, cols = patch_grid(height, width, size, stride)
+    _, s_cols = patch_grid(style.shape[-2], style.shape[-1], size, stride)
+    channels = style.shape[1]
+    style_flat = style[0].reshape(channels, -1)
+    s_row, s_col = (indices // s_cols) * stride, (indices % s_cols) * stride
+    w = torch.ones(rows * cols, dtype=style.dtype, device=style.device) if weights is None else weights.to(style.dtype)
+    coverage = style.new_zeros(1, 1, height, width)
+    weighted_sum = style.new_zeros(1, channels, height, width)
+    square_sum = style.new_zeros((), dtype=torch.float64)
+    for dy in range(size):
+        for dx in range(size):
+            source = style_flat[:, (s_row + dy) * style.shape[-1] + s_col + dx]  # (C, N)
+            here = (slice(dy, dy + (rows - 1) * stride + 1, stride), slice(dx, dx + (cols - 1) * stride + 1, stride))
+            coverage[0, 0][here] += w.view(rows, cols)
+            weighted_sum[0][(slice(None), *here)] += (source * w).view(channels, rows, cols)
+            square_sum += (source.double().square().sum(0) * w.double()).sum()
+    mean = weighted_sum / coverage.clamp_min(_EPS)
+    residual = (square_sum - (coverage.double() * mean.double().square()).sum()).clamp_min(0)
+    return coverage, mean, residual.to(style.dtype)
+
+
+def mrf_loss(features: Tensor, coverage: Tensor, mean_target: Tensor, residual: Tensor) -> Tensor:
+    """Sum over output patches i of w_i * ||patch_i(features) - matched style patch_i||^2.
+
+    Written per position (each position appears in up to size^2 patches) rather than per patch:
+    equal to the patch sum, with the same gradient, at the memory of one feature map.
+    """
+    return (coverage * (features - mean_target).square()).sum() + residual

@@ -1,0 +1,194 @@
+"""VGG16/VGG19 feature extractor with named layers (``relu3_1``), built from a state dict.
+
+The network is rebuilt from the weights alone: the architecture is told by the number of conv layers
+(13 = VGG16, 16 = VGG19) and the channel widths are read from the weight shapes, so tests can use a
+narrow VGG with random weights. Only layers up to the deepest one asked for are ever run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import FusionError
+
+# Convs per block, and the index of each conv in torchvision's ``features`` Sequential.
+BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
+CONVENTIONS = ("torchvision", "caffe")
+POOLINGS = ("max", "avg")
+
+_TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+_TORCHVISION_STD = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def torchvision_conv_indices(arch: str) -> list[int]:
+    """Indices of the conv layers in torchvision's ``vgg*.features`` (conv, relu, ..., pool)."""
+    indices, i = [], 0
+    for n_convs in BLOCKS[arch]:
+        for _ in range(n_convs):
+            indices.append(i)
+            i += 2  # conv, relu
+        i += 1  # pool
+    return indices
+
+
+def layer_names(arch: str) -> list[str]:
+    """All tappable layers in order: conv1_1, relu1_1, ..., pool1, ..."""
+    names = []
+    for block, n_convs in enumerate(BLOCKS[arch], start=1):
+        for i in range(1, n_convs + 1):
+            names += [f"conv{block}_{i}", f"relu{block}_{i}"]
+        names.append(f"pool{block}")
+    return names
+
+
+def layer_stride(name: str) -> int:
+    """Downsampling factor of a layer's output relative to the input image."""
+    block = int(name[4:].split("_")[0])
+    return 2**block if name.startswith("pool") else 2 ** (block - 1)
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG trunk; ``forward(image, layers)`` returns ``{name: activation}``.
+
+    ``image`` is RGB in 0..1 with shape (B, 3, H, W); the input convention of the weights
+    (torchvision or Caffe) is applied inside, so callers never think about it.
+    """
+
+    def __init__(
+        self,
+        convs: list[tuple[Tensor, Tensor]],
+        *,
+        convention: str = "torchvision",
+        pooling: str = "max",
+    ) -> None:
+        super().__init__()
+        arch = {13: "vgg16", 16: "vgg19"}.get(len(convs))
+        if arch is None:
+            raise FusionError(f"weights: expected 13 (VGG16) or 16 (VGG19) conv layers, got {len(convs)}")
+        if convention not in CONVENTIONS:
+            raise FusionError(f"convention: {convention!r} is not one of {', '.join(CONVENTIONS)}")
+        if pooling not in POOLINGS:
+            raise FusionError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.arch, self.convention, self.pooling = arch, convention, pooling
+        self.names = layer_names(arch)
+        self.convs = nn.ModuleList()
+        for weight, bias in convs:
+            conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1)
+            conv.weight.data.copy_(weight)
+            conv.bias.data.copy_(bias)
+            self.convs.append(conv)
+        self.requires_grad_(False)
+        self.eval()
+        if convention == "caffe":
+            mean = torch.tensor(_CAFFE_MEAN_BGR).view(1, 3, 1, 1)
+            self.register_buffer("_mean", mean, persistent=False)
+            self.register_buffer("_std", torch.ones_like(mean), persistent=False)
+        else:
+            self.register_buffer("_mean", torch.tensor(_TORCHVISION_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("_std", torch.tensor(_TORCHVISION_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.convs[0].weight.device
+
+    def check_layers(self, layers: Iterable[str]) -> None:
+        unknown = [name for name in layers if name not in self.names]
+        if unknown:
+            valid = ", ".join(n for n in self.names if not n.startswith("conv"))
+            raise FusionError(f"layers: unknown layer(s) {', '.join(map(repr, unknown))} for {self.arch}; valid: {valid}")
+
+    def normalize(self, image: Tensor) -> Tensor:
+        if self.convention == "caffe":
+            image = image.flip(1) * 255.0  # RGB 0..1 -> BGR 0..255
+        return (image - self._mean) / self._std
+
+    def forward(self, image: Tensor, layers: Iterable[str]) -> dict[str, Tensor]:
+        wanted = set(layers)
+        self.check_layers(wanted)
+        deepest = max(self.names.index(n) for n in wanted)
+        x = self.normalize(image)
+        out: dict[str, Tensor] = {}
+        conv_i = 0
+        for name in self.names[: deepest + 1]:
+            if name.startswith("conv"):
+                x = self.convs[conv_i](x)
+                conv_i += 1
+            elif name.startswith("relu"):
+                # In place only when the conv output it overwrites is not one we return.
+                conv_name = "conv" + name[4:]
+                x = F.relu(x, inplace=conv_name not in wanted)
+            elif self.pooling == "max":
+                x = F.max_pool2d(x, 2)
+            else:
+                x = F.avg_pool2d(x, 2)
+            if name in wanted:
+                out[name] = x
+        return out
+
+
+def vgg_from_state_dict(
+    state: Mapping[str, Tensor],
+    *,
+    convention: str = "torchvision",
+    pooling: str = "max",
+) -> VGGFeatures:
+    """Build the trunk from a torchvision-style state dict (full or features-only)."""
+    features: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("classifier."):
+            continue
+        name = key.removeprefix("module.").removeprefix("features.")
+        if "running_mean" in name or "num_batches_tracked" in name:
+            raise FusionError("weights: batch-norm VGG (vgg*_bn) is not supported; use plain VGG16/VGG19 weights")
+        index, _, param = name.partition(".")
+        if not index.isdigit() or param not in ("weight", "bias"):
+            raise FusionError(
+                f"weights: unexpected key {key!r}; expected torchvision VGG16/VGG19 keys 'features.N.weight/bias'"
+            )
+        features[name] = value
+    indices = sorted({int(k.split(".")[0]) for k in features})
+    arch = {13: "vgg16", 16: "vgg19"}.get(len(indices))
+    if arch is None or indices != torchvision_conv_indices(arch):
+        raise FusionError(
+            f"weights: found {len(indices)} conv layers at features indices {indices[:20]}; "
+            "expected torchvision VGG16 (13 convs) or VGG19 (16 convs)"
+        )
+    convs = []
+    in_channels = 3
+    for i in indices:
+        weight, bias = features.get(f"{i}.weight"), features.get(f"{i}.bias")
+        if weight is None or bias is None:
+            raise FusionError(f"weights: conv features.{i} lacks its weight or bias")
+        if weight.ndim != 4 or weight.shape[1:] != (in_channels, 3, 3) or bias.shape != weight.shape[:1]:
+            raise FusionError(
+                f"weights: features.{i}.weight has shape {tuple(weight.shape)}, expected (out, {in_channels}, 3, 3)"
+            )
+        convs.append((weight.float(), bias.float()))
+        in_channels = weight.shape[0]
+    return VGGFeatures(convs, convention=convention, pooling=pooling)
+
+
+def random_vgg(
+    arch: str = "vgg19",
+    *,
+    width: int = 64,
+    seed: int = 0,
+    convention: str = "torchvision",
+    pooling: str = "max",
+) -> VGGFeatures:
+    """A VGG with seeded random weights (He init); ``width`` < 64 narrows every layer, for fast tests."""
+    generator = torch.Generator().manual_seed(seed)
+    convs, in_channels = [], 3
+    for block, n_convs in enumerate(BLOCKS[arch]):
+        out_channels = width * 2 ** min(block, 3)
+        for _ in range(n_convs):
+            std = (2.0 / (in_channels * 9)) ** 0.5
+            weight = torch.randn(out_channels, in_channels, 3, 3, generator=generator) * std
+            convs.append((weight, torch.randn(out_channels, generator=generator) * 0.01))
+            in_channels = out_channels
+    return VGGFeatures(convs, convention=convention, pooling=pooling)
