@@ -23,8 +23,12 @@ from fusion_core.pyramid import level_shapes  # noqa: E402
 from fusion_core.stylize import build_criterion  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-PAIRS = [("chelsea.png", "starry_night.jpg"), ("grace_hopper.jpg", "woman-with-hat-matisse.jpg"),
-         ("coffee.png", "shipwreck.jpg"), ("astronaut.png", "starry_night.jpg")]
+PAIRS = [
+    ("chelsea.png", "starry_night.jpg"),
+    ("grace_hopper.jpg", "woman-with-hat-matisse.jpg"),
+    ("coffee.png", "shipwreck.jpg"),
+    ("astronaut.png", "starry_night.jpg"),
+]
 
 
 def gradient_shares(vgg, content, style, settings: Settings) -> dict[str, float]:
@@ -56,8 +60,13 @@ def main() -> None:
         content = load_image(SHARED / "images" / content_name)
         style = load_image(SHARED / "images" / style_name)
         shares = gradient_shares(vgg, content, style, settings)
-        rows.append({"content_image": content_name, "style_image": style_name, **{k: round(v, 3) for k, v in shares.items()}})
-        print(f"{content_name:>18} + {style_name:<28} " + "  ".join(f"{k} {v:6.1%}" for k, v in shares.items()), flush=True)
+        rows.append(
+            {"content_image": content_name, "style_image": style_name, **{k: round(v, 3) for k, v in shares.items()}}
+        )
+        print(
+            f"{content_name:>18} + {style_name:<28} " + "  ".join(f"{k} {v:6.1%}" for k, v in shares.items()),
+            flush=True,
+        )
     print(json.dumps(rows))
 
 

@@ -1,11 +1,11 @@
 """fusion_core: neural style transfer fusing a global (Gram) and a local (MRF patch) style loss.
 
-    from fusion_core import load_vgg, load_image, save_image, stylize, GlobalStyle, LocalStyle, Settings
+from fusion_core import load_vgg, load_image, save_image, stylize, GlobalStyle, LocalStyle, Settings
 
-    vgg = load_vgg("vgg19")                      # or a path to a .safetensors / .pth file
-    content, style = load_image("cat.png"), load_image("starry_night.jpg")
-    image = stylize(vgg, content, [GlobalStyle(style), LocalStyle(style)], Settings(size=512))
-    save_image(image, "out.png")
+vgg = load_vgg("vgg19")                      # or a path to a .safetensors / .pth file
+content, style = load_image("cat.png"), load_image("starry_night.jpg")
+image = stylize(vgg, content, [GlobalStyle(style), LocalStyle(style)], Settings(size=512))
+save_image(image, "out.png")
 """
 
 from .config import GlobalStyle, LocalStyle, Progress, Settings, StyleTerm

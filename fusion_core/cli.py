@@ -27,12 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content", required=True, help="content image file")
     p.add_argument("--style", required=True, help="style image file")
     p.add_argument("--out", required=True, help="output image file (.png, .jpg, ...)")
-    p.add_argument("--weights", default="vgg19",
-                   help="VGG weights: a .safetensors/.pth file, or 'vgg19' (found in --models-dir or downloaded)")
-    p.add_argument("--models-dir", action="append", default=[],
-                   help="folder to look for / download named weights into (repeatable; default ~/.cache/fusion-style)")
-    p.add_argument("--convention", default="auto", choices=["auto", "torchvision", "caffe"],
-                   help="input convention of the weights (auto: the file's metadata, else torchvision)")
+    p.add_argument(
+        "--weights",
+        default="vgg19",
+        help="VGG weights: a .safetensors/.pth file, or 'vgg19' (found in --models-dir or downloaded)",
+    )
+    p.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        help="folder to look for / download named weights into (repeatable; default ~/.cache/fusion-style)",
+    )
+    p.add_argument(
+        "--convention",
+        default="auto",
+        choices=["auto", "torchvision", "caffe"],
+        help="input convention of the weights (auto: the file's metadata, else torchvision)",
+    )
     p.add_argument("--pooling", default="max", choices=["max", "avg"])
     p.add_argument("--size", type=int, default=_DEFAULTS.size, help="longest side of the output in pixels")
     p.add_argument("--levels", type=int, default=_DEFAULTS.levels, help="coarse-to-fine pyramid levels")
@@ -66,8 +77,12 @@ def _progress_printer(quiet: bool):
         if quiet or not (p.iteration == 1 or p.iteration % 10 == 0 or p.iteration == p.iterations):
             return
         terms = "  ".join(f"{name} {value:.4g}" for name, value in p.losses.items())
-        print(f"level {p.level}/{p.levels}  iter {p.iteration:>4}/{p.iterations}  [{p.step}/{p.steps}]  "
-              f"{terms}  {time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
+        print(
+            f"level {p.level}/{p.levels}  iter {p.iteration:>4}/{p.iterations}  [{p.step}/{p.steps}]  "
+            f"{terms}  {time.monotonic() - start:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return report
 
@@ -88,11 +103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         content = load_image(args.content, "content")
         style = load_image(args.style, "style")
         settings = Settings(
-            content_weight=args.content_weight, size=args.size, levels=args.levels, iterations=args.iters,
-            init=args.init, seed=args.seed,
+            content_weight=args.content_weight,
+            size=args.size,
+            levels=args.levels,
+            iterations=args.iters,
+            init=args.init,
+            seed=args.seed,
         )
-        vgg = load_vgg(args.weights, convention=args.convention, pooling=args.pooling,
-                       models_dirs=args.models_dir, progress=_download_printer(args.quiet)).to(device)
+        vgg = load_vgg(
+            args.weights,
+            convention=args.convention,
+            pooling=args.pooling,
+            models_dirs=args.models_dir,
+            progress=_download_printer(args.quiet),
+        ).to(device)
         styles = [GlobalStyle(style, weight=args.global_weight), LocalStyle(style, weight=args.local_weight)]
         image = stylize(vgg, content, styles, settings, on_progress=_progress_printer(args.quiet))
         save_image(image, args.out)

@@ -52,6 +52,10 @@ class Settings:
     iterations: int = 100  # optimiser iterations per level
     init: str = "random"  # "random" (the paper) or "content"
     seed: int = 0
+    optimizer: str = "lbfgs"  # "lbfgs" (the paper) or "adam" (less memory, needs more iterations)
+    learning_rate: float | None = None  # None: 1 for L-BFGS, 0.02 for Adam (the image is in 0..1)
+    tv_weight: float = 0.0  # total-variation smoothing; 0 as in the paper
+    color: str = "none"  # "none", "luminance" (keep the content's chroma) or "histogram" (recolour the styles)
     history_size: int = 20  # L-BFGS memory; each entry holds two image-sized vectors
     matcher: str = "exact"  # nearest-patch search of the local loss: "exact" (every style patch)
     rematch_every: int = 1  # search nearest style patches every n-th iteration (1: every evaluation)

@@ -69,7 +69,9 @@ def patch_norms(features: Tensor, size: int, stride: int) -> Tensor:
 def patch_weights(mask: Tensor, size: int, stride: int) -> Tensor:
     """Per-patch weight from a (H, W) mask at the feature resolution: the mask at each patch centre."""
     centre = size // 2
-    return mask[centre : centre + (mask.shape[-2] - size) + 1 : stride, centre : centre + (mask.shape[-1] - size) + 1 : stride].flatten()
+    return mask[
+        centre : centre + (mask.shape[-2] - size) + 1 : stride, centre : centre + (mask.shape[-1] - size) + 1 : stride
+    ].flatten()
 
 
 def mrf_targets(

@@ -59,7 +59,9 @@ def resize_mask(mask: Tensor, shape: tuple[int, int]) -> Tensor:
     """Resize an (H, W) mask to ``shape`` by area averaging, so soft edges stay soft."""
     if tuple(mask.shape) == tuple(shape):
         return mask
-    return F.interpolate(mask[None, None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0, 0].clamp(0, 1)
+    return F.interpolate(mask[None, None], size=shape, mode="bilinear", antialias=True, align_corners=False)[
+        0, 0
+    ].clamp(0, 1)
 
 
 def load_image(path: str | os.PathLike, name: str = "image") -> Tensor:

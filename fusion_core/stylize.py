@@ -4,38 +4,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from .colour import COLOR_MODES, grey, luminance_only, match_histogram, recombine_chroma, rgb_to_yiq
 from .config import GlobalStyle, LocalStyle, Progress, Settings, StyleTerm
 from .errors import Cancelled, FusionError
 from .functional import patch_weights
 from .images import check_image, check_mask, resize, resize_mask
-from .losses import ContentLoss, GramLoss, PatchLoss
+from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
 from .matching import MATCHERS
 from .pyramid import fit_longest, level_shapes
 from .vgg import VGGFeatures
 
 INITS = ("random", "content")
+OPTIMIZERS = ("lbfgs", "adam")
 
 
 class Criterion:
     """The weighted loss terms of one pyramid level, evaluated on an image."""
 
-    def __init__(self, vgg: VGGFeatures, terms: list[tuple[str, float, torch.nn.Module]]) -> None:
-        self.vgg, self.terms = vgg, terms
+    def __init__(self, vgg: VGGFeatures, terms: list[tuple[str, float, torch.nn.Module]], tv_weight: float = 0.0):
+        self.vgg, self.terms, self.tv_weight = vgg, terms, tv_weight
         self.layers = {layer for _, _, m in terms for layer in getattr(m, "layers", (getattr(m, "layer", None),))}
         self.patch_losses = [m for _, _, m in terms if isinstance(m, PatchLoss)]
 
     def __call__(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
-        features = self.vgg(image, self.layers)
+        features = self.vgg(image, self.layers) if self.layers else {}
         if rematch:
             for loss in self.patch_losses:
                 loss.match(features)
         values: dict[str, Tensor] = {}
         for kind, weight, module in self.terms:
             values[kind] = values.get(kind, 0.0) + weight * module(features)
+        if self.tv_weight > 0:
+            values["tv"] = self.tv_weight * TVLoss()(image)
         values["total"] = sum(values.values())
         return values
 
@@ -64,13 +69,31 @@ def stylize(
         shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)
         _check_sizes(styles, settings, shapes)
         content = content.to(vgg.device)
+        target, styles = _apply_colour_mode(content, styles, settings.color)
         image = None
         steps = settings.levels * settings.iterations
         for level, shape in enumerate(shapes):
-            criterion = build_criterion(vgg, content, styles, settings, shape)
-            image = initial_image(content, shape, settings) if image is None else resize(image, shape)
+            criterion = build_criterion(vgg, target, styles, settings, shape)
+            image = initial_image(target, shape, settings) if image is None else resize(image, shape)
             image = _optimise_level(criterion, image, settings, level, steps, on_progress, should_stop)
-        return image.clamp(0, 1)
+        image = image.clamp(0, 1)
+        if settings.color == "luminance":
+            image = recombine_chroma(image, resize(content, tuple(image.shape[-2:])))
+        return image
+
+
+def _apply_colour_mode(content: Tensor, styles: list[StyleTerm], mode: str) -> tuple[Tensor, list[StyleTerm]]:
+    """The content and style images the network sees under colour mode ``mode`` (see colour.py)."""
+    if mode == "none":
+        return content, styles
+    converted: dict[int, Tensor] = {}  # one conversion per distinct style image
+    for style in styles:
+        if id(style.image) not in converted:
+            image = style.image.to(content.device)
+            fixed = luminance_only(image, content) if mode == "luminance" else match_histogram(image, content)
+            converted[id(style.image)] = fixed
+    styles = [replace(style, image=converted[id(style.image)]) for style in styles]
+    return (grey(rgb_to_yiq(content)[:, :1]) if mode == "luminance" else content), styles
 
 
 def initial_image(content: Tensor, shape: tuple[int, int], settings: Settings) -> Tensor:
@@ -103,7 +126,9 @@ def build_criterion(
             layers = style.layers if isinstance(style, GlobalStyle) else (style.layer,)
             features = style_features(style, layers)
             target_masks = _masks_at(style.target_mask, {l: _feature_shape(shape, l) for l in layers}, content.device)
-            style_masks = _masks_at(style.style_mask, {l: tuple(f.shape[-2:]) for l, f in features.items()}, content.device)
+            style_masks = _masks_at(
+                style.style_mask, {l: tuple(f.shape[-2:]) for l, f in features.items()}, content.device
+            )
             if isinstance(style, GlobalStyle):
                 terms.append(("global", style.weight, GramLoss(features, style_masks, target_masks)))
                 continue
@@ -115,8 +140,15 @@ def build_criterion(
                     raise FusionError("style_mask: the region is too small to hold one style patch at this size")
             if target_masks[layer] is not None:
                 weights = patch_weights(target_masks[layer], style.patch_size, style.stride)
-            module = PatchLoss(layer, features[layer], style.patch_size, style.stride,
-                               style_eligible=eligible, target_weights=weights, matcher=settings.matcher)
+            module = PatchLoss(
+                layer,
+                features[layer],
+                style.patch_size,
+                style.stride,
+                style_eligible=eligible,
+                target_weights=weights,
+                matcher=settings.matcher,
+            )
             terms.append(("local", style.weight, module))
         if settings.content_weight > 0:
             layer = settings.content_layer
@@ -124,7 +156,7 @@ def build_criterion(
             energies = [float(style_features(style, [layer])[layer].square().mean()) for style in active]
             energy = sum(energies) / len(energies) if energies else float(target.square().mean())
             terms.append(("content", settings.content_weight, ContentLoss(layer, target, energy)))
-        return Criterion(vgg, terms)
+        return Criterion(vgg, terms, settings.tv_weight)
 
 
 def _optimise_level(
@@ -137,11 +169,19 @@ def _optimise_level(
     should_stop: Callable[[], bool] | None,
 ) -> Tensor:
     image = image.detach().clone().requires_grad_(True)
-    # One L-BFGS iteration per step() call: exactly one loss evaluation each, so progress,
-    # cancellation and re-matching happen between iterations. The optimiser's history persists.
-    optimizer = torch.optim.LBFGS(
-        [image], lr=1, max_iter=1, history_size=settings.history_size, tolerance_grad=0, tolerance_change=0
-    )
+    if settings.optimizer == "adam":
+        optimizer = torch.optim.Adam([image], lr=settings.learning_rate or 0.02)
+    else:
+        # One L-BFGS iteration per step() call: exactly one loss evaluation each, so progress,
+        # cancellation and re-matching happen between iterations. The optimiser's history persists.
+        optimizer = torch.optim.LBFGS(
+            [image],
+            lr=settings.learning_rate or 1,
+            max_iter=1,
+            history_size=settings.history_size,
+            tolerance_grad=0,
+            tolerance_change=0,
+        )
     last: dict[str, float] = {}
 
     rematch = True
@@ -159,15 +199,25 @@ def _optimise_level(
             raise Cancelled("stopped by the caller")
         rematch = (iteration - 1) % settings.rematch_every == 0
         optimizer.step(closure)
+        if settings.optimizer == "adam":
+            with torch.no_grad():
+                image.clamp_(0, 1)  # Adam takes fixed-size steps that would otherwise leave 0..1
         if not math.isfinite(last["total"]):
             raise FusionError("the loss became NaN or infinite; lower the loss weights or use init='content'")
         if on_progress is not None:
             step = level * settings.iterations + iteration
-            preview = settings.preview_every > 0 and (iteration % settings.preview_every == 0 or iteration == settings.iterations)
+            preview = settings.preview_every > 0 and (
+                iteration % settings.preview_every == 0 or iteration == settings.iterations
+            )
             on_progress(
                 Progress(
-                    level=level + 1, levels=settings.levels, iteration=iteration, iterations=settings.iterations,
-                    step=step, steps=steps, losses=dict(last),
+                    level=level + 1,
+                    levels=settings.levels,
+                    iteration=iteration,
+                    iterations=settings.iterations,
+                    step=step,
+                    steps=steps,
+                    losses=dict(last),
                     image=image.detach().clamp(0, 1).clone() if preview else None,
                 )
             )
@@ -191,14 +241,22 @@ def _checked_styles(styles: Sequence[StyleTerm]) -> list[StyleTerm]:
     if isinstance(styles, (GlobalStyle, LocalStyle)):
         styles = [styles]
     checked = []
+    images: dict[int, Tensor] = {}  # a style image shared by several terms stays one tensor
     for i, style in enumerate(styles):
         if not isinstance(style, (GlobalStyle, LocalStyle)):
             raise FusionError(f"styles[{i}]: expected GlobalStyle or LocalStyle, got {type(style).__name__}")
-        name = f"styles[{i}].image"
-        image = check_image(name, style.image).clone()
-        target_mask = None if style.target_mask is None else check_mask(f"styles[{i}].target_mask", style.target_mask).clone()
-        style_mask = None if style.style_mask is None else check_mask(f"styles[{i}].style_mask", style.style_mask).clone()
-        checked.append(type(style)(**{**vars(style), "image": image, "target_mask": target_mask, "style_mask": style_mask}))
+        if id(style.image) not in images:
+            images[id(style.image)] = check_image(f"styles[{i}].image", style.image).clone()
+        image = images[id(style.image)]
+        target_mask = (
+            None if style.target_mask is None else check_mask(f"styles[{i}].target_mask", style.target_mask).clone()
+        )
+        style_mask = (
+            None if style.style_mask is None else check_mask(f"styles[{i}].style_mask", style.style_mask).clone()
+        )
+        checked.append(
+            type(style)(**{**vars(style), "image": image, "target_mask": target_mask, "style_mask": style_mask})
+        )
     return checked
 
 
@@ -220,7 +278,16 @@ def _check_settings(vgg: VGGFeatures, styles: Sequence[StyleTerm], settings: Set
         raise FusionError(f"matcher: {settings.matcher!r} is not one of {', '.join(MATCHERS)}")
     if settings.init not in INITS:
         raise FusionError(f"init: {settings.init!r} is not one of {', '.join(INITS)}")
+    if settings.optimizer not in OPTIMIZERS:
+        raise FusionError(f"optimizer: {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if settings.color not in COLOR_MODES:
+        raise FusionError(f"color: {settings.color!r} is not one of {', '.join(COLOR_MODES)}")
+    if settings.learning_rate is not None and not (
+        isinstance(settings.learning_rate, (int, float)) and 0 < settings.learning_rate < math.inf
+    ):
+        raise FusionError(f"learning_rate: expected a number > 0 or None, got {settings.learning_rate!r}")
     weight("content_weight", settings.content_weight)
+    weight("tv_weight", settings.tv_weight)
     vgg.check_layers([settings.content_layer])
     for i, style in enumerate(styles):
         weight(f"styles[{i}].weight", style.weight)
@@ -234,7 +301,7 @@ def _check_settings(vgg: VGGFeatures, styles: Sequence[StyleTerm], settings: Set
             vgg.check_layers([style.layer])
             positive_int(f"styles[{i}].patch_size", style.patch_size)
             positive_int(f"styles[{i}].stride", style.stride)
-    if settings.content_weight == 0 and all(style.weight == 0 for style in styles):
+    if settings.content_weight == 0 and settings.tv_weight == 0 and all(style.weight == 0 for style in styles):
         raise FusionError("weights: all loss weights are zero; give the content or a style term a weight > 0")
 
 
@@ -247,7 +314,9 @@ def _feature_shape(shape: tuple[int, int], layer: str) -> tuple[int, int]:
     return h, w
 
 
-def _masks_at(mask: Tensor | None, shapes: dict[str, tuple[int, int]], device: torch.device) -> dict[str, Tensor | None]:
+def _masks_at(
+    mask: Tensor | None, shapes: dict[str, tuple[int, int]], device: torch.device
+) -> dict[str, Tensor | None]:
     if mask is None:
         return dict.fromkeys(shapes)
     return {layer: resize_mask(mask, shape).to(device) for layer, shape in shapes.items()}

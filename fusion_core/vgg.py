@@ -100,7 +100,9 @@ class VGGFeatures(nn.Module):
         unknown = [name for name in layers if name not in self.names]
         if unknown:
             valid = ", ".join(n for n in self.names if not n.startswith("conv"))
-            raise FusionError(f"layers: unknown layer(s) {', '.join(map(repr, unknown))} for {self.arch}; valid: {valid}")
+            raise FusionError(
+                f"layers: unknown layer(s) {', '.join(map(repr, unknown))} for {self.arch}; valid: {valid}"
+            )
 
     def normalize(self, image: Tensor) -> Tensor:
         if self.convention == "caffe":

@@ -58,7 +58,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
                 f"({first_line}). Only state dicts of tensors are loaded; prefer .safetensors."
             ) from None
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-            raise FusionError(f"weights: {path.name} is truncated or corrupt ({type(error).__name__}: {error})") from None
+            raise FusionError(
+                f"weights: {path.name} is truncated or corrupt ({type(error).__name__}: {error})"
+            ) from None
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
