@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .config import GlobalStyle, LocalStyle, Progress, Settings
 from .errors import Cancelled, FusionError
-from .images import load_image, save_image
+from .images import check_output_path, load_image, save_image
 from .stylize import stylize
 from .weights import load_vgg
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Neural style transfer fusing a global (Gram) and a local (MRF patch) style loss.",
     )
     p.add_argument("--content", required=True, help="content image file")
-    p.add_argument("--style", required=True, help="style image file")
+    p.add_argument("--style", required=True, action="append", help="style image file (repeat for several styles)")
     p.add_argument("--out", required=True, help="output image file (.png, .jpg, ...)")
     p.add_argument(
         "--weights",
@@ -53,6 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-weight", type=float, default=_LOCAL.weight, help="a2: MRF patch (local) style weight")
     p.add_argument("--content-weight", type=float, default=_DEFAULTS.content_weight, help="a3: content weight")
     p.add_argument("--init", default=_DEFAULTS.init, choices=["random", "content"])
+    p.add_argument("--blend", type=float, nargs="+", help="one blend weight per --style (default: equal)")
+    p.add_argument(
+        "--mask",
+        action="append",
+        default=[],
+        help="per --style: image file whose white region gets that style (give none or one per style)",
+    )
+    p.add_argument(
+        "--style-scale",
+        type=float,
+        default=_GLOBAL.scale,
+        help="style image size relative to the output (>1: smaller strokes)",
+    )
+    p.add_argument(
+        "--color",
+        default=_DEFAULTS.color,
+        choices=["none", "luminance", "histogram"],
+        help="keep the content's colours: luminance-only transfer or style histogram matching",
+    )
+    p.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=["lbfgs", "adam"])
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for L-BFGS, 0.02 for Adam)")
+    p.add_argument("--tv-weight", type=float, default=_DEFAULTS.tv_weight, help="total-variation weight")
+    p.add_argument("--save-every", type=int, default=0, help="also write the current image to --out every N iterations")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -96,12 +119,42 @@ def _download_printer(quiet: bool):
     return report
 
 
+def style_terms(args: argparse.Namespace) -> list[GlobalStyle | LocalStyle]:
+    """A global and a local term per --style, weighted by its blend weight and limited to its --mask."""
+    n = len(args.style)
+    blend = args.blend or [1.0 / n] * n
+    if len(blend) != n or any(b < 0 for b in blend) or sum(blend) <= 0:
+        raise FusionError(f"blend: give {n} weight(s) >= 0, one per --style, not all zero; got {args.blend}")
+    if args.mask and len(args.mask) != n:
+        raise FusionError(f"mask: give one --mask per --style ({n}), or none; got {len(args.mask)}")
+    terms: list[GlobalStyle | LocalStyle] = []
+    for i, path in enumerate(args.style):
+        style = load_image(path, f"style {path}")
+        mask = load_image(args.mask[i], f"mask {args.mask[i]}").mean(1)[0] if args.mask else None
+        share = blend[i] / sum(blend)
+        terms.append(GlobalStyle(style, weight=args.global_weight * share, target_mask=mask, scale=args.style_scale))
+        terms.append(LocalStyle(style, weight=args.local_weight * share, target_mask=mask, scale=args.style_scale))
+    return terms
+
+
+def _saver(path: str, every: int, report: Callable[[Progress], None]) -> Callable[[Progress], None]:
+    def on_progress(p: Progress) -> None:
+        report(p)
+        if p.image is not None and every > 0 and p.iteration % every == 0:
+            save_image(p.image, path)
+
+    return on_progress
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output_path(args.out)
+        if args.save_every < 0:
+            raise FusionError(f"save-every: expected a number of iterations >= 0, got {args.save_every}")
         device = pick_device(args.device)
         content = load_image(args.content, "content")
-        style = load_image(args.style, "style")
+        styles = style_terms(args)
         settings = Settings(
             content_weight=args.content_weight,
             size=args.size,
@@ -109,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             iterations=args.iters,
             init=args.init,
             seed=args.seed,
+            optimizer=args.optimizer,
+            learning_rate=args.lr,
+            tv_weight=args.tv_weight,
+            color=args.color,
+            preview_every=args.save_every,
         )
         vgg = load_vgg(
             args.weights,
@@ -117,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             models_dirs=args.models_dir,
             progress=_download_printer(args.quiet),
         ).to(device)
-        styles = [GlobalStyle(style, weight=args.global_weight), LocalStyle(style, weight=args.local_weight)]
-        image = stylize(vgg, content, styles, settings, on_progress=_progress_printer(args.quiet))
+        on_progress = _saver(args.out, args.save_every, _progress_printer(args.quiet))
+        image = stylize(vgg, content, styles, settings, on_progress=on_progress)
         save_image(image, args.out)
     except FusionError as error:
         print(f"fusion-style: error: {error}", file=sys.stderr)

@@ -82,13 +82,19 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def save_image(image: Tensor, path: str | os.PathLike) -> None:
-    """Write (1, 3, H, W) to ``path`` atomically (a temporary file renamed into place)."""
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse an output path we could not write, before any work is done."""
     path = Path(path)
     if path.suffix.lower() not in SAVE_SUFFIXES:
         raise FusionError(f"out: unsupported image extension {path.suffix!r}; use one of {', '.join(SAVE_SUFFIXES)}")
     if not path.parent.is_dir():
         raise FusionError(f"out: folder does not exist: {path.parent}")
+    return path
+
+
+def save_image(image: Tensor, path: str | os.PathLike) -> None:
+    """Write (1, 3, H, W) to ``path`` atomically (a temporary file renamed into place)."""
+    path = check_output_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:

@@ -1,0 +1,111 @@
+"""The command line: writes the image, reports progress, fails with one line on bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import smooth_image, tiny_vgg
+from PIL import Image
+from safetensors.torch import save_file
+
+from fusion_core.cli import main
+from fusion_core.vgg import torchvision_conv_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    vgg = tiny_vgg("vgg16", width=4)
+    state = {}
+    for i, conv in zip(torchvision_conv_indices("vgg16"), vgg.convs, strict=True):
+        state[f"features.{i}.weight"], state[f"features.{i}.bias"] = conv.weight, conv.bias
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "tiny.safetensors")
+    for name, seed, size in (("content.png", 1, (40, 56)), ("style.png", 2, (48, 48)), ("style2.png", 3, (48, 48))):
+        array = (smooth_image(*size, seed=seed)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(array).save(folder / name)
+    mask = np.zeros((40, 56), np.uint8)
+    mask[:, 28:] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    return folder
+
+
+def run(files, *extra):
+    base = [
+        "--content",
+        str(files / "content.png"),
+        "--weights",
+        str(files / "tiny.safetensors"),
+        "--size",
+        "48",
+        "--levels",
+        "2",
+        "--iters",
+        "3",
+    ]
+    return main([*base, *extra])
+
+
+def test_writes_the_stylised_image_and_shows_progress(files, capsys):
+    out = files / "out.png"
+    assert run(files, "--style", str(files / "style.png"), "--out", str(out)) == 0
+    assert Image.open(out).size == (48, 34)
+    err = capsys.readouterr().err
+    assert "level 2/2" in err and "global" in err and "local" in err and f"wrote {out}" in err
+
+
+def test_several_styles_masks_and_controls(files):
+    out = files / "out2.jpg"
+    args = [
+        "--style",
+        str(files / "style.png"),
+        "--style",
+        str(files / "style2.png"),
+        "--blend",
+        "0.7",
+        "0.3",
+        "--mask",
+        str(files / "mask.png"),
+        "--mask",
+        str(files / "mask.png"),
+        "--color",
+        "luminance",
+        "--optimizer",
+        "adam",
+        "--tv-weight",
+        "1",
+        "--style-scale",
+        "0.8",
+        "--save-every",
+        "2",
+        "--quiet",
+    ]
+    assert run(files, *args, "--out", str(out)) == 0
+    assert Image.open(out).size == (48, 34)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--style", "missing.png", "--out", "o.png"], "style missing.png: file not found"),
+        (["--style", "{style}", "--out", "o.gif"], "out: unsupported image extension '.gif'"),
+        (["--style", "{style}", "--out", "o.png", "--iters", "0"], "iterations: expected a whole number >= 1"),
+        (["--style", "{style}", "--out", "o.png", "--blend", "1", "2"], "blend: give 1 weight"),
+        (["--style", "{style}", "--out", "o.png", "--device", "cuda:x"], "device: 'cuda:x' is not a device"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(files, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(files)
+    args = [a.replace("{style}", str(files / "style.png")) for a in args]
+    assert run(files, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusion-style: error: ") and message in err and "\n" not in err
+    assert not (files / "o.png").exists()
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "fusion_core", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "--local-weight" in result.stdout
