@@ -1,0 +1,196 @@
+"""User controls: masks, colour modes, several styles with blend weights, style scale, optimiser choice."""
+
+import pytest
+import torch
+from helpers import IMAGES, TRAINED_VGG16, smooth_image, tiny_vgg
+
+from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize
+from fusion_core.colour import match_histogram, rgb_to_yiq
+from fusion_core.functional import gram_matrix, patch_grid
+from fusion_core.images import resize, resize_mask
+from fusion_core.stylize import build_criterion
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return tiny_vgg("vgg19", width=4)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return smooth_image(48, 64, seed=11), smooth_image(56, 56, seed=12), smooth_image(56, 56, seed=13)
+
+
+def right_half(height, width):
+    mask = torch.zeros(height, width)
+    mask[:, width // 2 :] = 1
+    return mask
+
+
+def gradient_of(criterion, kind, image):
+    x = image.clone().requires_grad_(True)
+    criterion(x, rematch=True)[kind].backward()
+    return x.grad
+
+
+@pytest.mark.parametrize(
+    ("term", "kind", "margin"),
+    [
+        (lambda s, m: GlobalStyle(s, layers=("relu1_2", "relu2_1"), target_mask=m), "global", 12),
+        (lambda s, m: LocalStyle(s, layer="relu2_1", target_mask=m), "local", 12),
+    ],
+)
+def test_a_zero_mask_region_receives_no_gradient(vgg, images, term, kind, margin):
+    content, style, _ = images
+    mask = right_half(48, 64)
+    criterion = build_criterion(vgg, content, [term(style, mask)], Settings(size=64, content_weight=0), (48, 64))
+    grad = gradient_of(criterion, kind, smooth_image(48, 64, seed=5))
+    outside = grad[..., : 32 - margin]  # beyond the receptive field of anything inside the region
+    inside = grad[..., 32:]
+    assert torch.count_nonzero(outside) == 0
+    assert inside.abs().sum() > 0
+    unmasked = build_criterion(vgg, content, [term(style, None)], Settings(size=64, content_weight=0), (48, 64))
+    assert torch.count_nonzero(gradient_of(unmasked, kind, smooth_image(48, 64, seed=5))[..., : 32 - margin]) > 0
+
+
+def test_patch_matches_come_only_from_the_style_region(vgg, images):
+    content, style, _ = images
+    style_mask = torch.zeros(56, 56)
+    style_mask[:20] = 1  # top band of the style image
+    shape = (48, 64)
+    criterion = build_criterion(
+        vgg,
+        content,
+        [LocalStyle(style, style_mask=style_mask, target_mask=right_half(*shape))],
+        Settings(size=64),
+        shape,
+    )
+    criterion(smooth_image(*shape, seed=6), rematch=True)
+    loss = criterion.patch_losses[0]
+    rows, cols = patch_grid(*loss.style.shape[-2:], 3, 1)
+    mask_at_layer = resize_mask(style_mask, tuple(loss.style.shape[-2:]))
+    centre_values = mask_at_layer[loss.indices // cols + 1, loss.indices % cols + 1]
+    assert (centre_values >= 0.5).all()
+    free = build_criterion(vgg, content, [LocalStyle(style)], Settings(size=64), shape)
+    free(smooth_image(*shape, seed=6), rematch=True)
+    free_rows = free.patch_losses[0].indices // cols
+    assert (free_rows + 1 >= 6).any(), "without a style mask some matches lie outside the band"
+
+
+def test_blend_weights_one_to_zero_reproduce_the_single_style_result(vgg, images):
+    content, style_a, style_b = images
+    settings = Settings(size=48, levels=2, iterations=5, seed=3)
+    single = stylize(vgg, content, [GlobalStyle(style_a), LocalStyle(style_a)], settings)
+    blended = stylize(
+        vgg,
+        content,
+        [
+            GlobalStyle(style_a, weight=20 * 1.0),
+            LocalStyle(style_a, weight=1e-4 * 1.0),
+            GlobalStyle(style_b, weight=20 * 0.0),
+            LocalStyle(style_b, weight=1e-4 * 0.0),
+        ],
+        settings,
+    )
+    assert torch.equal(single, blended)
+    other = stylize(
+        vgg, content, [GlobalStyle(style_a, weight=10), GlobalStyle(style_b, weight=10), LocalStyle(style_a)], settings
+    )
+    assert not torch.equal(single, other)
+
+
+def test_luminance_only_output_keeps_the_content_chroma(vgg, images):
+    content, style, _ = images
+    out = stylize(
+        vgg,
+        content,
+        [GlobalStyle(style), LocalStyle(style)],
+        Settings(size=48, levels=2, iterations=5, color="luminance"),
+    )
+    expected = rgb_to_yiq(resize(content, tuple(out.shape[-2:])))[:, 1:]
+    difference = (rgb_to_yiq(out)[:, 1:] - expected).abs().amax(1)
+    unclipped = ((out > 0) & (out < 1)).all(1)  # clipping to 0..1 may move chroma, nothing else may
+    assert unclipped.float().mean() > 0.5
+    assert difference[unclipped].max() < 1e-5
+    plain = stylize(vgg, content, [GlobalStyle(style), LocalStyle(style)], Settings(size=48, levels=2, iterations=5))
+    assert (rgb_to_yiq(plain)[:, 1:] - expected).abs().amax(1)[unclipped].mean() > 1e-2
+
+
+def test_histogram_matching_gives_the_style_the_content_colour_statistics(images):
+    content, style, _ = images
+    matched = match_histogram(style.double(), content.double())
+
+    def stats(image):
+        pixels = image[0].reshape(3, -1)
+        return pixels.mean(1), torch.cov(pixels, correction=0)
+
+    (mean_m, cov_m), (mean_c, cov_c), (mean_s, _) = stats(matched), stats(content.double()), stats(style.double())
+    torch.testing.assert_close(mean_m, mean_c, rtol=0, atol=1e-10)
+    torch.testing.assert_close(cov_m, cov_c, rtol=1e-8, atol=1e-10)
+    assert (mean_s - mean_c).abs().max() > 1e-3  # it really changed something
+
+
+def test_histogram_mode_runs_and_uses_recoloured_styles(vgg, images):
+    content, style, _ = images
+    out = stylize(vgg, content, [GlobalStyle(style)], Settings(size=48, levels=1, iterations=3, color="histogram"))
+    assert out.shape == (1, 3, 36, 48)
+
+
+def test_style_scale_sets_the_style_size_relative_to_the_output(vgg, images):
+    content, style, _ = images
+    shape = (48, 64)
+    sizes = {}
+    for scale in (0.5, 1.0, 2.0):
+        criterion = build_criterion(vgg, content, [LocalStyle(style, layer="relu1_1", scale=scale)], Settings(), shape)
+        sizes[scale] = tuple(criterion.patch_losses[0].style.shape[-2:])
+    assert sizes == {0.5: (32, 32), 1.0: (64, 64), 2.0: (128, 128)}
+
+
+def test_adam_and_total_variation(vgg, images):
+    content, style, _ = images
+    reports = []
+    out = stylize(
+        vgg,
+        content,
+        [GlobalStyle(style), LocalStyle(style)],
+        Settings(size=48, levels=1, iterations=30, optimizer="adam", learning_rate=0.05, tv_weight=5.0),
+        on_progress=reports.append,
+    )
+    assert "tv" in reports[0].losses
+    assert reports[-1].losses["total"] < reports[0].losses["total"]
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.skipif(not TRAINED_VGG16.is_file(), reason=f"trained VGG16 not found at {TRAINED_VGG16}")
+def test_two_styles_in_two_regions_follow_their_own_style():
+    vgg = load_vgg(TRAINED_VGG16)
+    content = load_image(IMAGES / "chelsea.png")
+    blue = load_image(IMAGES / "starry_night.jpg")
+    bright = load_image(IMAGES / "woman-with-hat-matisse.jpg")
+    settings = Settings(size=96, levels=2, iterations=20)
+    height, width = 64, 96
+    right = right_half(height, width)
+    left = 1 - right
+    out = stylize(
+        vgg,
+        content,
+        [
+            GlobalStyle(blue, target_mask=left),
+            LocalStyle(blue, target_mask=left),
+            GlobalStyle(bright, target_mask=right),
+            LocalStyle(bright, target_mask=right),
+        ],
+        settings,
+    )
+    # Per-region (guided) Gram distance to each style, averaged over the global loss's layers.
+    distance = {}
+    for layer in GlobalStyle(blue).layers:
+        features = vgg(out, [layer])[layer]
+        for region_name, mask in (("left", left), ("right", right)):
+            region = resize_mask(mask, tuple(features.shape[-2:]))
+            for style_name, image in (("blue", blue), ("bright", bright)):
+                target = gram_matrix(vgg(resize(image, (height, width)), [layer])[layer])
+                d = float((gram_matrix(features, region) - target).norm() / target.norm())
+                distance[region_name, style_name] = distance.get((region_name, style_name), 0) + d / 4
+    assert distance["left", "blue"] < distance["left", "bright"]
+    assert distance["right", "bright"] < distance["right", "blue"]
