@@ -45,7 +45,10 @@ def check_mask(name: str, mask: Tensor) -> Tensor:
     mask = mask.float()
     if not torch.isfinite(mask).all():
         raise FusionError(f"{name}: the mask contains NaN or infinite values")
-    return mask.clamp(0, 1)
+    mask = mask.clamp(0, 1)
+    if not mask.any():
+        raise FusionError(f"{name}: the mask is empty (all zero), so its style would apply nowhere; mark a region > 0")
+    return mask
 
 
 def resize(image: Tensor, shape: tuple[int, int]) -> Tensor:

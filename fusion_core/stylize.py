@@ -16,6 +16,7 @@ from .functional import patch_weights
 from .images import check_image, check_mask, resize, resize_mask
 from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
 from .matching import MATCHERS
+from .memory import check_memory
 from .pyramid import fit_longest, level_shapes
 from .vgg import VGGFeatures
 
@@ -68,6 +69,7 @@ def stylize(
         _check_settings(vgg, styles, settings)
         shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)
         _check_sizes(styles, settings, shapes)
+        check_memory(vgg, shapes[-1], styles, settings)
         content = content.to(vgg.device)
         target, styles = _apply_colour_mode(content, styles, settings.color)
         image = None

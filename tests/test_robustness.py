@@ -1,0 +1,99 @@
+"""Bad input the earlier test files do not cover: memory, masks, imports."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import smooth_image, tiny_vgg
+
+from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, stylize
+from fusion_core.memory import check_memory, estimate_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return tiny_vgg("vgg19", width=4)
+
+
+def test_memory_estimate_grows_with_the_area():
+    vgg = tiny_vgg("vgg19", width=64)  # real widths: the estimate depends on them
+    style = smooth_image(64, 64, seed=1)
+    styles = [GlobalStyle(style), LocalStyle(style)]
+    small = estimate_bytes(vgg, (512, 512), styles, Settings())
+    large = estimate_bytes(vgg, (1024, 1024), styles, Settings())
+    assert 3.5 < large / small < 4.5
+    assert estimate_bytes(vgg, (1024, 1024), styles, Settings(optimizer="adam")) < large
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_estimate_and_a_size_that_fits(vgg):
+    style = smooth_image(64, 64, seed=1)
+    styles = [GlobalStyle(style), LocalStyle(style)]
+    settings = Settings(size=4096)
+    needed = estimate_bytes(vgg, (4096, 4096), styles, settings)
+    with pytest.raises(
+        FusionError,
+        match=r"size: an output of 4096x4096 px needs about .* GiB, but only .* GiB is free.*about \d+ px would fit",
+    ):
+        check_memory(vgg, (4096, 4096), styles, settings, available=needed // 2)
+    check_memory(vgg, (4096, 4096), styles, settings, available=needed * 2)  # fits: no error
+
+
+def test_huge_request_is_refused_before_any_work(vgg, monkeypatch):
+    monkeypatch.setattr("fusion_core.memory.available_bytes", lambda device: 64 * 2**20)
+    calls = []
+    monkeypatch.setattr(type(vgg), "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(FusionError, match="needs about"):
+        stylize(vgg, smooth_image(64, 64, seed=1), [GlobalStyle(smooth_image(64, 64, seed=2))], Settings(size=3000))
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (torch.zeros(8, 8), "target_mask: the mask is empty"),
+        (torch.full((8, 8), float("nan")), "target_mask: the mask contains NaN"),
+        (torch.ones(2, 8, 8), r"target_mask: expected one mask of shape \(H, W\), got shape \(2, 8, 8\)"),
+    ],
+)
+def test_bad_masks(vgg, mask, message):
+    style = smooth_image(48, 48, seed=2)
+    with pytest.raises(FusionError, match=message):
+        stylize(vgg, smooth_image(48, 48, seed=1), [GlobalStyle(style, target_mask=mask)], Settings(size=48, levels=1))
+
+
+def test_masks_of_another_size_or_range_are_resized_and_clamped(vgg):
+    style = smooth_image(48, 48, seed=2)
+    mask = torch.full((1, 13, 29), 3.0)  # batch of one, wrong size, values above 1
+    mask[..., :10] = -1.0
+    out = stylize(
+        vgg,
+        smooth_image(48, 48, seed=1),
+        [GlobalStyle(style, target_mask=mask), LocalStyle(style)],
+        Settings(size=48, levels=1, iterations=2),
+    )
+    assert out.shape == (1, 3, 48, 48)
+
+
+def test_patch_size_larger_than_the_feature_map(vgg):
+    style = smooth_image(48, 48, seed=2)
+    with pytest.raises(FusionError, match="too small for relu3_1 with 15x15 patches"):
+        stylize(vgg, smooth_image(48, 48, seed=1), [LocalStyle(style, patch_size=15)], Settings(size=48, levels=1))
+
+
+def test_import_does_no_network_access_and_no_heavy_work():
+    code = (
+        "import socket, sys, time\n"
+        "def refuse(*a, **k): raise RuntimeError('network access at import')\n"
+        "socket.socket.connect = refuse\nsocket.create_connection = refuse\n"
+        "import torch\nstart = time.perf_counter()\n"
+        "import fusion_core, fusion_core.cli\n"
+        "assert time.perf_counter() - start < 5, 'slow import'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
