@@ -1,0 +1,159 @@
+"""benchmarks/metrics.py against direct computations: sliced Wasserstein distance, SSIM, the feature measures."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import smooth_image, tiny_vgg
+
+_spec = importlib.util.spec_from_file_location(
+    "fusion_benchmark_metrics", Path(__file__).resolve().parents[1] / "benchmarks" / "metrics.py"
+)
+metrics = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(metrics)
+
+
+def points(n: int, channels: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def exact_w1_1d(a: torch.Tensor, b: torch.Tensor) -> float:
+    """W1 between two 1-D samples as the integral of |F_a(x) - F_b(x)| dx over the merged sorted values."""
+    values = torch.cat([a, b]).sort().values
+    cdf_a = (a[None, :] <= values[:-1, None]).double().mean(1)
+    cdf_b = (b[None, :] <= values[:-1, None]).double().mean(1)
+    return float(((cdf_a - cdf_b).abs() * values.diff()).sum())
+
+
+def w2_by_repetition(a: torch.Tensor, b: torch.Tensor) -> float:
+    """W2 between 1-D samples: repeat each sorted sample up to the least common multiple of the counts."""
+    n = math.lcm(len(a), len(b))
+    qa = a.sort().values.repeat_interleave(n // len(a))
+    qb = b.sort().values.repeat_interleave(n // len(b))
+    return float((qa - qb).square().mean().sqrt())
+
+
+# --- sliced Wasserstein distance ---
+
+
+def test_swd_of_identical_sets_is_zero():
+    a = points(50, 8, 0)
+    assert metrics.sliced_wasserstein(a, a) == 0.0
+    # ... and of the same set in another order (a distance between distributions, not between positions).
+    assert metrics.sliced_wasserstein(a, a[torch.randperm(50, generator=torch.Generator().manual_seed(1))]) < 1e-12
+
+
+def test_swd_equals_exact_1d_wasserstein_for_one_channel():
+    a, b = points(12, 1, 0)[:, 0], points(12, 1, 1)[:, 0] * 2 + 0.5
+    direct_w2 = float((a.sort().values - b.sort().values).square().mean().sqrt())
+    assert metrics.sliced_wasserstein(a[:, None], b[:, None]) == pytest.approx(direct_w2, rel=1e-12)
+    assert metrics.sliced_wasserstein(a[:, None], b[:, None], p=1) == pytest.approx(exact_w1_1d(a, b), rel=1e-12)
+
+
+def test_swd_resamples_unequal_counts_exactly():
+    a, b = points(4, 1, 2)[:, 0], points(6, 1, 3)[:, 0] + 1.0
+    assert metrics.sliced_wasserstein(a[:, None], b[:, None]) == pytest.approx(w2_by_repetition(a, b), rel=1e-12)
+    assert metrics.sliced_wasserstein(a[:, None], b[:, None], p=1) == pytest.approx(exact_w1_1d(a, b), rel=1e-12)
+    c = points(7, 1, 4)[:, 0]  # coprime counts: 7 and 6 share no step but the last
+    assert metrics.sliced_wasserstein(c[:, None], b[:, None], p=1) == pytest.approx(exact_w1_1d(c, b), rel=1e-12)
+
+
+def test_swd_matches_a_direct_projection_loop():
+    a, b = points(9, 5, 5), points(15, 5, 6) * 1.5
+    theta = metrics.projections(5, 16, seed=3)
+    per_direction = [w2_by_repetition(a @ theta[:, k], b @ theta[:, k]) ** 2 for k in range(16)]
+    expected = math.sqrt(sum(per_direction) / 16)
+    assert metrics.sliced_wasserstein(a, b, count=16, seed=3) == pytest.approx(expected, rel=1e-10)
+
+
+def test_swd_is_symmetric():
+    a, b = points(30, 6, 7), points(45, 6, 8) + 0.3
+    assert metrics.sliced_wasserstein(a, b) == pytest.approx(metrics.sliced_wasserstein(b, a), rel=1e-12)
+
+
+def test_swd_of_a_shift_is_the_projected_shift_and_grows_with_it():
+    a = points(40, 4, 9)
+    direction = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    theta = metrics.projections(4, metrics.PROJECTIONS)
+    distances = []
+    for c in (0.1, 0.5, 1.0, 2.0):
+        d = metrics.sliced_wasserstein(a, a + c * direction)
+        assert d == pytest.approx(c * float((direction @ theta).square().mean().sqrt()), rel=1e-9)
+        distances.append(d)
+    assert distances == sorted(distances) and distances[0] > 0
+
+
+def test_swd_accepts_feature_maps_and_checks_channels():
+    fmap = points(12, 3, 10).T.reshape(1, 3, 3, 4)
+    assert metrics.sliced_wasserstein(fmap, metrics.feature_points(fmap)) == 0.0
+    assert metrics.feature_points(fmap)[5].tolist() == fmap[0, :, 1, 1].tolist()
+    with pytest.raises(ValueError, match="channel"):
+        metrics.sliced_wasserstein(points(5, 3, 0), points(5, 4, 0))
+
+
+def test_projections_are_seeded_unit_vectors():
+    theta = metrics.projections(7, 10, seed=4)
+    assert torch.allclose(theta.norm(dim=0), torch.ones(10, dtype=torch.float64))
+    assert torch.equal(theta, metrics.projections(7, 10, seed=4))
+    assert not torch.equal(theta, metrics.projections(7, 10, seed=5))
+
+
+# --- SSIM ---
+
+
+def test_ssim_of_an_image_with_itself_is_one():
+    x = metrics.luminance(smooth_image(20, 24, 0))
+    assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim(x, 1 - x) < 0.5
+
+
+def test_ssim_matches_the_formula_on_one_window():
+    # An 11x11 image pair holds exactly one window position: SSIM is the formula with Gaussian-weighted statistics.
+    x = smooth_image(11, 11, 1)[:, :1].double()
+    y = (0.7 * x + 0.2 + 0.05 * torch.sin(torch.arange(121, dtype=torch.float64)).view(1, 1, 11, 11)).clamp(0, 1)
+    g = torch.tensor([math.exp(-((i - 5) ** 2) / (2 * 1.5**2)) for i in range(11)], dtype=torch.float64)
+    w = torch.outer(g, g) / torch.outer(g, g).sum()
+    mx, my = float((w * x[0, 0]).sum()), float((w * y[0, 0]).sum())
+    vx = float((w * (x[0, 0] - mx) ** 2).sum())
+    vy = float((w * (y[0, 0] - my) ** 2).sum())
+    cov = float((w * (x[0, 0] - mx) * (y[0, 0] - my)).sum())
+    c1, c2 = 0.01**2, 0.03**2
+    expected = (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert metrics.ssim(x, y) == pytest.approx(expected, rel=1e-10)
+
+
+def test_ssim_falls_with_noise_and_checks_shapes():
+    x = metrics.luminance(smooth_image(32, 32, 2))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    values = [metrics.ssim(x, (x + s * noise).clamp(0, 1)) for s in (0.01, 0.05, 0.2)]
+    assert values == sorted(values, reverse=True) and values[0] < 1
+    with pytest.raises(ValueError, match="window"):
+        metrics.ssim(x[..., :8, :8], x[..., :8, :8])
+    with pytest.raises(ValueError, match="shape"):
+        metrics.ssim(x, x[..., :20])
+
+
+def test_luminance_weights():
+    image = torch.tensor([1.0, 0.5, 0.25]).view(1, 3, 1, 1)
+    assert float(metrics.luminance(image)) == pytest.approx(0.299 + 0.587 * 0.5 + 0.114 * 0.25)
+
+
+# --- measures on network features ---
+
+
+def test_evaluate_on_a_tiny_network():
+    vgg = tiny_vgg("vgg16")
+    content, style = smooth_image(32, 48, 3), smooth_image(40, 40, 4)
+    same = metrics.evaluate(vgg, content, content, style)
+    assert same["content_dist"] == 0.0 and same["ssim"] == pytest.approx(1.0)
+    assert set(same["style_swd_layers"]) == set(metrics.STYLE_LAYERS)
+    assert same["style_swd"] == pytest.approx(sum(same["style_swd_layers"].values()) / 4)
+    # The style image itself, at the output's longest side, is at distance 0 from the style.
+    styled = metrics.resize(style, (48, 48))
+    assert metrics.evaluate(vgg, styled, content, style)["style_swd"] < 1e-6
+    other = metrics.evaluate(vgg, smooth_image(32, 48, 5), content, style)
+    assert other["content_dist"] > 0 and other["ssim"] < 1
