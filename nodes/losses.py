@@ -1,0 +1,165 @@
+"""Global Style Loss (Gram) and Local Patch Loss (MRF): each adds style terms to a STYLE_LOSSES chain."""
+
+from __future__ import annotations
+
+from ..fusion_core.config import GLOBAL_LAYERS, GlobalStyle, LocalStyle
+from .common import CATEGORY, LAYERS, STYLE_LOSSES, chain, parse_layers
+from .tensors import single_mask, split_images
+
+_GLOBAL, _LOCAL = GlobalStyle(image=None), LocalStyle(image=None)  # fusion_core's defaults
+
+STYLE_IMAGE = (
+    "IMAGE",
+    {"tooltip": "The style image. A batch of several images blends them equally (the weight is shared)."},
+)
+STYLE_SCALE = (
+    "FLOAT",
+    {
+        "default": 1.0,
+        "min": 0.05,
+        "max": 8.0,
+        "step": 0.05,
+        "tooltip": "Size of the style image relative to the output: above 1 gives finer brush strokes, below 1 "
+        "coarser ones.",
+    },
+)
+OPTIONAL = {
+    "mask": ("MASK", {"tooltip": "Where on the output this style applies (1 = here); stretched to the output size."}),
+    "style_mask": ("MASK", {"tooltip": "Which part of the style image to take the style from (1 = from here)."}),
+    "style_losses": (STYLE_LOSSES, {"tooltip": "Style losses to add these to, for several styles or regions."}),
+}
+
+
+class FusionStyleGlobalStyleLoss:
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Global style loss (Gatys et al.): matches the Gram matrices of the style image's VGG features, i.e. its "
+        "colours and texture statistics over the whole image. Chain it with a Local Patch Loss."
+    )
+    RETURN_TYPES = (STYLE_LOSSES,)
+    RETURN_NAMES = ("style_losses",)
+    OUTPUT_TOOLTIPS = ("The chained-in style losses plus this one, for Fused Style Optimize.",)
+    FUNCTION = "add"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "style_image": STYLE_IMAGE,
+                "weight": (
+                    "FLOAT",
+                    {
+                        "default": _GLOBAL.weight,
+                        "min": 0.0,
+                        "max": 10000.0,
+                        "step": 0.1,
+                        "tooltip": "a1, the weight of the Gram loss. Higher: more of the style's colours and "
+                        "textures; 0 switches it off.",
+                    },
+                ),
+                "layers": (
+                    "STRING",
+                    {
+                        "default": ",".join(GLOBAL_LAYERS),
+                        "tooltip": f"Comma-separated VGG layers whose Gram matrices are matched. Valid: "
+                        f"{', '.join(LAYERS)}.",
+                    },
+                ),
+                "style_scale": STYLE_SCALE,
+            },
+            "optional": OPTIONAL,
+        }
+
+    def add(self, style_image, weight, layers, style_scale, mask=None, style_mask=None, style_losses=None):
+        layers = parse_layers("layers", layers)
+        images = split_images("style_image", style_image)
+        mask, style_mask = single_mask("mask", mask), single_mask("style_mask", style_mask)
+        terms = [
+            GlobalStyle(
+                image,
+                weight=weight / len(images),
+                layers=layers,
+                target_mask=mask,
+                style_mask=style_mask,
+                scale=style_scale,
+            )
+            for image in images
+        ]
+        return (chain(style_losses, terms),)
+
+
+class FusionStyleLocalPatchLoss:
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Local patch loss (Li & Wand, MRF): pulls every small patch of the output's VGG features toward its most "
+        "similar patch of the style image, which keeps local structure such as brush strokes."
+    )
+    RETURN_TYPES = (STYLE_LOSSES,)
+    RETURN_NAMES = ("style_losses",)
+    OUTPUT_TOOLTIPS = ("The chained-in style losses plus this one, for Fused Style Optimize.",)
+    FUNCTION = "add"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "style_image": STYLE_IMAGE,
+                "weight": (
+                    "FLOAT",
+                    {
+                        "default": _LOCAL.weight,
+                        "min": 0.0,
+                        "max": 100.0,
+                        # A small step, so the widget keeps values like 0.0001 (it rounds to the step's decimals).
+                        "step": 0.00001,
+                        "round": False,
+                        "tooltip": "a2, the weight of the patch loss (the paper's 1e-4). Higher: more of the "
+                        "style's local structure; 0 switches it off.",
+                    },
+                ),
+                "layer": (
+                    LAYERS,
+                    {"default": _LOCAL.layer, "tooltip": "The VGG layer whose feature patches are matched."},
+                ),
+                "patch_size": (
+                    "INT",
+                    {
+                        "default": _LOCAL.patch_size,
+                        "min": 1,
+                        "max": 15,
+                        "tooltip": "Patch width in feature positions (at relu3_1 one position is 4 pixels).",
+                    },
+                ),
+                "stride": (
+                    "INT",
+                    {
+                        "default": _LOCAL.stride,
+                        "min": 1,
+                        "max": 15,
+                        "tooltip": "Step between patches; above 1 is faster and coarser.",
+                    },
+                ),
+                "style_scale": STYLE_SCALE,
+            },
+            "optional": OPTIONAL,
+        }
+
+    def add(
+        self, style_image, weight, layer, patch_size, stride, style_scale, mask=None, style_mask=None, style_losses=None
+    ):
+        images = split_images("style_image", style_image)
+        mask, style_mask = single_mask("mask", mask), single_mask("style_mask", style_mask)
+        terms = [
+            LocalStyle(
+                image,
+                weight=weight / len(images),
+                layer=layer,
+                patch_size=patch_size,
+                stride=stride,
+                target_mask=mask,
+                style_mask=style_mask,
+                scale=style_scale,
+            )
+            for image in images
+        ]
+        return (chain(style_losses, terms),)

@@ -1,0 +1,177 @@
+"""Fused Style Optimize: the image that minimises the chained style losses plus the content loss."""
+
+from __future__ import annotations
+
+import torch
+
+from ..fusion_core.colour import COLOR_MODES
+from ..fusion_core.config import Settings
+from ..fusion_core.errors import Cancelled
+from ..fusion_core.images import to_pil
+from ..fusion_core.memory import estimate_bytes
+from ..fusion_core.pyramid import fit_longest
+from ..fusion_core.stylize import INITS, stylize
+from . import comfy
+from .common import CATEGORY, LAYERS, STYLE_LOSSES
+from .tensors import join_images, split_images
+
+_DEFAULTS = Settings()
+PREVIEW_EVERY = 5  # iterations between live previews on the node
+
+
+class FusionStyleFusedOptimize:
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Paints the content image in the style of the chained style losses: optimises the image's pixels with "
+        "L-BFGS, coarse to fine, against the fused global (Gram) + local (patch) style losses and a content loss."
+    )
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The stylised image(s), at the content image's aspect ratio, longest side = size.",)
+    FUNCTION = "optimize"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vgg": ("VGG_MODEL", {"tooltip": "The feature network, from Load VGG."}),
+                "content_image": (
+                    "IMAGE",
+                    {"tooltip": "The photo to stylise. A batch gives a batch of results, each made on its own."},
+                ),
+                "style_losses": (STYLE_LOSSES, {"tooltip": "The style losses, from Global/Local style loss nodes."}),
+                "content_weight": (
+                    "FLOAT",
+                    {
+                        "default": _DEFAULTS.content_weight,
+                        "min": 0.0,
+                        "max": 10000.0,
+                        "step": 0.1,
+                        "tooltip": "a3, the weight of the content loss. Higher: closer to the content image.",
+                    },
+                ),
+                "content_layer": (
+                    LAYERS,
+                    {"default": _DEFAULTS.content_layer, "tooltip": "The VGG layer the content is compared at."},
+                ),
+                "size": (
+                    "INT",
+                    {
+                        "default": _DEFAULTS.size,
+                        "min": 64,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "Longest side of the output in pixels.",
+                    },
+                ),
+                "levels": (
+                    "INT",
+                    {
+                        "default": _DEFAULTS.levels,
+                        "min": 1,
+                        "max": 6,
+                        "tooltip": "Coarse-to-fine pyramid levels, each twice the size of the one before.",
+                    },
+                ),
+                "iterations": (
+                    "INT",
+                    {
+                        "default": _DEFAULTS.iterations,
+                        "min": 1,
+                        "max": 5000,
+                        "tooltip": "L-BFGS iterations per level.",
+                    },
+                ),
+                "init": (
+                    list(INITS),
+                    {
+                        "default": _DEFAULTS.init,
+                        "tooltip": "Start from noise ('random', the paper) or from the content image ('content', "
+                        "closer to the photo).",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": _DEFAULTS.seed,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the random start image; the same seed gives the same result.",
+                    },
+                ),
+            },
+            "optional": {
+                "color": (
+                    list(COLOR_MODES),
+                    {
+                        "default": _DEFAULTS.color,
+                        "tooltip": "Colours of the result: 'none' takes the style's; 'luminance' transfers the style "
+                        "on brightness only and keeps the content's colours; 'histogram' recolours the styles to the "
+                        "content's palette first.",
+                    },
+                ),
+            },
+        }
+
+    def optimize(
+        self,
+        vgg,
+        content_image,
+        style_losses,
+        content_weight,
+        content_layer,
+        size,
+        levels,
+        iterations,
+        init,
+        seed,
+        color=None,
+    ):
+        settings = Settings(
+            content_weight=content_weight,
+            content_layer=content_layer,
+            size=size,
+            levels=levels,
+            iterations=iterations,
+            init=init,
+            seed=seed,
+            color=color or _DEFAULTS.color,
+            preview_every=PREVIEW_EVERY,
+        )
+        contents = split_images("content_image", content_image)
+        steps = levels * iterations
+        update = comfy.progress_bar(steps * len(contents))
+        device = comfy.torch_device()
+        comfy.free_memory(_needed_bytes(vgg, content_image, style_losses, settings), device)
+        results = []
+        try:
+            # Moved outside inference mode so the weights stay usable by autograd on the new device.
+            with torch.inference_mode(False):
+                vgg.to(device)
+            for i, content in enumerate(contents):
+
+                def on_progress(p, done=i * steps):
+                    update(done + p.step, None if p.image is None else to_pil(p.image))
+
+                image = stylize(
+                    vgg, content, style_losses, settings, on_progress=on_progress, should_stop=comfy.should_stop
+                )
+                results.append(image)
+        except Cancelled as error:
+            comfy.raise_interrupted(error)
+        finally:
+            with torch.inference_mode(False):
+                vgg.to(comfy.offload_device())
+            comfy.soft_empty_cache()
+        return (join_images(results),)
+
+
+def _needed_bytes(vgg, content_image, style_losses, settings: Settings) -> int:
+    """The network plus fusion_core's estimate of one run, for ComfyUI to make room on the device."""
+    model = sum(t.numel() * t.element_size() for t in vgg.parameters())
+    shape = fit_longest(content_image.shape[1], content_image.shape[2], settings.size)
+    try:
+        return model + estimate_bytes(vgg, shape, style_losses, settings)
+    except ValueError:  # e.g. a layer this VGG lacks: stylize() reports it clearly
+        return model

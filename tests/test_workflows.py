@@ -1,0 +1,172 @@
+"""The workflows in workflows/ load as they are: every node type exists, every link joins matching types,
+every widget value is valid for its input, and the example images they name ship in example_images/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fusion_style
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+EXAMPLES = ROOT / "example_images"
+
+IMAGE_FILE = "IMAGE_FILE"  # a combo of the files in ComfyUI/input: here, the pack's example_images/
+UPLOAD = {"image_upload": True}
+# The core nodes the workflows use, as ComfyUI 0.3.64 declares them (nodes.py): INPUT_TYPES, RETURN_TYPES.
+CORE_NODES = {
+    "LoadImage": ({"required": {"image": (IMAGE_FILE, UPLOAD)}}, ("IMAGE", "MASK")),
+    "LoadImageMask": (
+        {"required": {"image": (IMAGE_FILE, UPLOAD), "channel": (["alpha", "red", "green", "blue"], {})}},
+        ("MASK",),
+    ),
+    "SaveImage": ({"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}, ()),
+    "ImageScaleBy": (
+        {
+            "required": {
+                "image": ("IMAGE", {}),
+                "upscale_method": (["nearest-exact", "bilinear", "area", "bicubic", "lanczos"], {}),
+                "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01}),
+            }
+        },
+        ("IMAGE",),
+    ),
+}
+NOTE_NODES = {"Note", "MarkdownNote"}  # frontend-only: one text widget, never sent to the server
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", IMAGE_FILE)
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")  # the frontend's control_after_generate widget
+
+
+def node_spec(kind: str) -> tuple[dict, tuple]:
+    """({input name: (type, options)} in declared order, output types) of a node type."""
+    if kind in CORE_NODES:
+        inputs, outputs = CORE_NODES[kind]
+    else:
+        cls = fusion_style.NODE_CLASS_MAPPINGS[kind]
+        inputs, outputs = cls.INPUT_TYPES(), cls.RETURN_TYPES
+    ordered = {}
+    for section in ("required", "optional"):
+        for name, (input_type, *rest) in inputs.get(section, {}).items():
+            ordered[name] = (input_type, rest[0] if rest else {}, section)
+    return ordered, outputs
+
+
+def is_widget(input_type, options: dict) -> bool:
+    return (isinstance(input_type, list) or input_type in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def widget_layout(kind: str) -> list[tuple[str, object, dict]]:
+    """The values the frontend saves in widgets_values, in its order: declared widgets, a control value after a
+    seed, and the upload button's value after the required widgets of a node with an image upload."""
+    layout, upload = [], False
+    inputs, _ = node_spec(kind)
+    for section in ("required", "optional"):
+        for name, (input_type, options, where) in inputs.items():
+            if where != section or not is_widget(input_type, options):
+                continue
+            layout.append((name, input_type, options))
+            if input_type == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
+                layout.append((f"{name}: control_after_generate", CONTROL_VALUES, {}))
+            upload = upload or options.get("image_upload", False)
+        if section == "required" and upload:
+            layout.append(("upload", ["image"], {}))
+    return layout
+
+
+def check_value(where: str, value, input_type, options: dict) -> None:
+    if input_type == IMAGE_FILE:
+        assert isinstance(value, str) and (EXAMPLES / value).is_file(), f"{where}: {value!r} is not in example_images/"
+    elif isinstance(input_type, (list, tuple)):
+        assert value in input_type, f"{where}: {value!r} is not one of {input_type}"
+    elif input_type in ("INT", "FLOAT"):
+        number = int if input_type == "INT" else (int, float)
+        assert isinstance(value, number) and not isinstance(value, bool), f"{where}: {value!r} is not a {input_type}"
+        assert options.get("min", value) <= value <= options.get("max", value), f"{where}: {value} out of range"
+    elif input_type == "STRING":
+        assert isinstance(value, str), f"{where}: {value!r} is not a string"
+    elif input_type == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}: {value!r} is not a boolean"
+
+
+@pytest.fixture(params=WORKFLOWS, ids=[path.name for path in WORKFLOWS])
+def workflow(request) -> dict:
+    return json.loads(request.param.read_text(encoding="utf-8"))
+
+
+def test_the_three_workflows_ship_with_previews():
+    assert [path.stem for path in WORKFLOWS] == ["fusion_basic", "fusion_masked", "fusion_upscale"]
+    for path in WORKFLOWS:
+        assert path.with_suffix(".jpg").is_file(), f"{path.name} has no preview image"
+
+
+def test_templates_menu_serves_workflows():
+    # ComfyUI serves a pack's templates from the first of these folders that exists (app/custom_node_manager.py):
+    # any other one beside workflows/ would hide the workflows from the Templates menu.
+    folders = ["example_workflows", "example", "examples", "workflow", "workflows"]
+    assert [name for name in folders if (ROOT / name).is_dir()] == ["workflows"]
+
+
+def test_ui_format(workflow):
+    assert workflow["version"] == 0.4
+    ids = [node["id"] for node in workflow["nodes"]]
+    assert len(ids) == len(set(ids)) and workflow["last_node_id"] >= max(ids)
+    assert workflow["last_link_id"] >= max(link[0] for link in workflow["links"])
+
+
+def test_node_types_exist(workflow):
+    kinds = {node["type"] for node in workflow["nodes"]}
+    unknown = kinds - set(fusion_style.NODE_CLASS_MAPPINGS) - set(CORE_NODES) - NOTE_NODES
+    assert not unknown, f"unknown node types {unknown}"
+    assert {"FusionStyleLoadVGG", "FusionStyleFusedOptimize", "SaveImage"} <= kinds
+
+
+def test_links_connect_matching_types(workflow):
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    for link_id, origin, origin_slot, target, target_slot, link_type in workflow["links"]:
+        source, sink = nodes[origin], nodes[target]
+        _, outputs = node_spec(source["type"])
+        inputs, _ = node_spec(sink["type"])
+        output, slot = source["outputs"][origin_slot], sink["inputs"][target_slot]
+        assert outputs[origin_slot] == output["type"] == link_type, f"link {link_id}: output type"
+        assert link_id in output["links"] and slot["link"] == link_id, f"link {link_id}: not recorded on its nodes"
+        assert slot["name"] in inputs, f"link {link_id}: {sink['type']} has no input {slot['name']!r}"
+        assert inputs[slot["name"]][0] == slot["type"] == link_type, f"link {link_id}: {link_type} into {slot}"
+    link_ids = {link[0] for link in workflow["links"]}
+    for node in nodes.values():
+        if node["type"] in NOTE_NODES:
+            continue
+        inputs, _ = node_spec(node["type"])
+        linked = {slot["name"] for slot in node.get("inputs", []) if slot["link"] is not None}
+        assert {slot["link"] for slot in node.get("inputs", []) if slot["link"] is not None} <= link_ids
+        for name, (input_type, options, section) in inputs.items():
+            if section == "required" and not is_widget(input_type, options):
+                assert name in linked, f"node {node['id']} ({node['type']}): required input {name!r} not connected"
+
+
+def test_widget_values_are_valid(workflow):
+    for node in workflow["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        values = node.get("widgets_values", [])
+        if node["type"] in NOTE_NODES:
+            assert len(values) == 1 and isinstance(values[0], str)
+            continue
+        layout = widget_layout(node["type"])
+        assert len(values) == len(layout), f"{where}: {len(values)} widget values for {[n for n, _, _ in layout]}"
+        for value, (name, input_type, options) in zip(values, layout, strict=True):
+            check_value(f"{where}.{name}", value, input_type, options)
+
+
+def test_a_note_says_what_goes_where(workflow):
+    (note,) = [node for node in workflow["nodes"] if node["type"] in NOTE_NODES]
+    text = note["widgets_values"][0]
+    assert "ComfyUI/models/vgg" in text and "ComfyUI/input" in text
+    for node in workflow["nodes"]:
+        if node["type"] in ("LoadImage", "LoadImageMask"):
+            assert node["widgets_values"][0] in text, f"the note does not name {node['widgets_values'][0]}"
+
+
+def test_load_vgg_defaults_to_the_official_weights(workflow):
+    (loader,) = [node for node in workflow["nodes"] if node["type"] == "FusionStyleLoadVGG"]
+    assert loader["widgets_values"][0] == "vgg19"
