@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from ..fusion_core.config import GLOBAL_LAYERS, GlobalStyle, LocalStyle
 from .common import CATEGORY, LAYERS, STYLE_LOSSES, chain, parse_layers
 from .tensors import single_mask, split_images
@@ -30,16 +32,30 @@ OPTIONAL = {
 }
 
 
-class FusionStyleGlobalStyleLoss:
+class _StyleLoss:
+    """What the two loss nodes share: their output, and how a style batch and masks become terms."""
+
     CATEGORY = CATEGORY
-    DESCRIPTION = (
-        "Global style loss (Gatys et al.): matches the Gram matrices of the style image's VGG features, i.e. its "
-        "colours and texture statistics over the whole image. Chain it with a Local Patch Loss."
-    )
     RETURN_TYPES = (STYLE_LOSSES,)
     RETURN_NAMES = ("style_losses",)
     OUTPUT_TOOLTIPS = ("The chained-in style losses plus this one, for Fused Style Optimize.",)
     FUNCTION = "add"
+
+    @staticmethod
+    def chained(make_term, style_image, weight, mask, style_mask, style_losses) -> tuple[list]:
+        """One term per image of the style batch, each with an equal share of ``weight``, after the chained-in ones."""
+        images = split_images("style_image", style_image)
+        mask, style_mask = single_mask("mask", mask), single_mask("style_mask", style_mask)
+        share = weight / len(images)
+        terms = [make_term(image, weight=share, target_mask=mask, style_mask=style_mask) for image in images]
+        return (chain(style_losses, terms),)
+
+
+class FusionStyleGlobalStyleLoss(_StyleLoss):
+    DESCRIPTION = (
+        "Global style loss (Gatys et al.): matches the Gram matrices of the style image's VGG features, i.e. its "
+        "colours and texture statistics over the whole image. Chain it with a Local Patch Loss."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -71,33 +87,15 @@ class FusionStyleGlobalStyleLoss:
         }
 
     def add(self, style_image, weight, layers, style_scale, mask=None, style_mask=None, style_losses=None):
-        layers = parse_layers("layers", layers)
-        images = split_images("style_image", style_image)
-        mask, style_mask = single_mask("mask", mask), single_mask("style_mask", style_mask)
-        terms = [
-            GlobalStyle(
-                image,
-                weight=weight / len(images),
-                layers=layers,
-                target_mask=mask,
-                style_mask=style_mask,
-                scale=style_scale,
-            )
-            for image in images
-        ]
-        return (chain(style_losses, terms),)
+        term = partial(GlobalStyle, layers=parse_layers("layers", layers), scale=style_scale)
+        return self.chained(term, style_image, weight, mask, style_mask, style_losses)
 
 
-class FusionStyleLocalPatchLoss:
-    CATEGORY = CATEGORY
+class FusionStyleLocalPatchLoss(_StyleLoss):
     DESCRIPTION = (
         "Local patch loss (Li & Wand, MRF): pulls every small patch of the output's VGG features toward its most "
         "similar patch of the style image, which keeps local structure such as brush strokes."
     )
-    RETURN_TYPES = (STYLE_LOSSES,)
-    RETURN_NAMES = ("style_losses",)
-    OUTPUT_TOOLTIPS = ("The chained-in style losses plus this one, for Fused Style Optimize.",)
-    FUNCTION = "add"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -147,19 +145,5 @@ class FusionStyleLocalPatchLoss:
     def add(
         self, style_image, weight, layer, patch_size, stride, style_scale, mask=None, style_mask=None, style_losses=None
     ):
-        images = split_images("style_image", style_image)
-        mask, style_mask = single_mask("mask", mask), single_mask("style_mask", style_mask)
-        terms = [
-            LocalStyle(
-                image,
-                weight=weight / len(images),
-                layer=layer,
-                patch_size=patch_size,
-                stride=stride,
-                target_mask=mask,
-                style_mask=style_mask,
-                scale=style_scale,
-            )
-            for image in images
-        ]
-        return (chain(style_losses, terms),)
+        term = partial(LocalStyle, layer=layer, patch_size=patch_size, stride=stride, scale=style_scale)
+        return self.chained(term, style_image, weight, mask, style_mask, style_losses)
