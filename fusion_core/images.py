@@ -31,7 +31,7 @@ def check_image(name: str, image: Tensor) -> Tensor:
         raise FusionError(f"{name}: expected a float tensor in 0..1, got {image.dtype}")
     if not torch.isfinite(image).all():
         raise FusionError(f"{name}: the image contains NaN or infinite values")
-    return image.float()
+    return image.float().contiguous()
 
 
 def check_mask(name: str, mask: Tensor) -> Tensor:

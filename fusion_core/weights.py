@@ -145,7 +145,7 @@ def download_vgg19(
     fd, tmp_name = tempfile.mkstemp(prefix=".vgg19-download-", suffix=".part", dir=folder)
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _stream(url, out, progress)
+            digest = _stream(url, out, progress, folder)
         if digest != sha256.lower():
             raise FusionError(
                 f"weights: the download from {url} has SHA-256 {digest}, expected {sha256}; the file was deleted"
@@ -170,7 +170,7 @@ def _read_pth_for_conversion(path: Path) -> tuple[dict[str, Tensor], dict[str, s
         os.replace(link, path)
 
 
-def _stream(url: str, out, progress: DownloadProgress | None, chunk: int = 1 << 20) -> str:
+def _stream(url: str, out, progress: DownloadProgress | None, folder: Path, chunk: int = 1 << 20) -> str:
     """Copy ``url`` into ``out``; return the SHA-256 hex digest of what was written."""
     digest = hashlib.sha256()
     try:
@@ -189,7 +189,7 @@ def _stream(url: str, out, progress: DownloadProgress | None, chunk: int = 1 << 
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         raise FusionError(
             f"weights: could not download {url} ({error}). Without network access, download it elsewhere and put it "
-            f"(or a converted {VGG19_FILENAME}) in the models folder"
+            f"(or a converted {VGG19_FILENAME}) in {folder}"
         ) from None
     return digest.hexdigest()
 

@@ -192,3 +192,13 @@ def test_end_to_end_with_the_trained_vgg16():
     style_mean, content_mean = style.mean((2, 3)), content.mean((2, 3))
     out_mean = out.mean((2, 3))
     assert (out_mean - style_mean).norm() < (out_mean - content_mean).norm()
+
+
+def test_non_contiguous_inputs_work(vgg, images):
+    _, style = images
+    transposed = smooth_image(48, 34, seed=4).transpose(-1, -2)  # (1, 3, 34, 48): already the output size
+    assert not transposed.is_contiguous()
+    settings = Settings(size=48, levels=1, iterations=3, init="content")
+    a = stylize(vgg, transposed, fused(style), settings)
+    b = stylize(vgg, transposed.contiguous(), fused(style), settings)
+    assert torch.equal(a, b)
