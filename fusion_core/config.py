@@ -57,8 +57,9 @@ class Settings:
     tv_weight: float = 0.0  # total-variation smoothing; 0 as in the paper
     color: str = "none"  # "none", "luminance" (keep the content's chroma) or "histogram" (recolour the styles)
     history_size: int = 20  # L-BFGS memory; each entry holds two image-sized vectors
-    matcher: str = "exact"  # nearest-patch search of the local loss: "exact" (every style patch)
+    matcher: str = "fast"  # nearest-patch search: "fast" (projected candidates, re-ranked exactly) or "exact"
     rematch_every: int = 1  # search nearest style patches every n-th iteration (1: every evaluation)
+    mixed_precision: bool = True  # on CUDA: float16 for the VGG pass and the patch search (never losses/L-BFGS)
     preview_every: int = 0  # attach the current image to every n-th progress report (0: never)
 
 

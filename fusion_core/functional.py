@@ -94,19 +94,24 @@ def mrf_targets(
     rows, cols = patch_grid(height, width, size, stride)
     _, s_cols = patch_grid(style.shape[-2], style.shape[-1], size, stride)
     channels = style.shape[1]
-    style_flat = style[0].reshape(channels, -1)
+    style_rows = style[0].flatten(1).T.contiguous()  # (H * W, C): gathering a position reads C contiguous values
     s_row, s_col = (indices // s_cols) * stride, (indices % s_cols) * stride
     w = torch.ones(rows * cols, dtype=style.dtype, device=style.device) if weights is None else weights.to(style.dtype)
     coverage = style.new_zeros(1, 1, height, width)
-    weighted_sum = style.new_zeros(1, channels, height, width)
-    square_sum = style.new_zeros((), dtype=torch.float64)
+    weighted_sum = style.new_zeros(height, width, channels)  # positions last too, transposed once at the end
     for dy in range(size):
         for dx in range(size):
-            source = style_flat[:, (s_row + dy) * style.shape[-1] + s_col + dx]  # (C, N)
+            source = style_rows.index_select(0, (s_row + dy) * style.shape[-1] + s_col + dx)  # (N, C)
+            if weights is not None:
+                source = source * w[:, None]
             here = (slice(dy, dy + (rows - 1) * stride + 1, stride), slice(dx, dx + (cols - 1) * stride + 1, stride))
             coverage[0, 0][here] += w.view(rows, cols)
-            weighted_sum[0][(slice(None), *here)] += (source * w).view(channels, rows, cols)
-            square_sum += (source.double().square().sum(0) * w.double()).sum()
+            weighted_sum[here] += source.view(rows, cols, channels)
+    weighted_sum = weighted_sum.permute(2, 0, 1).contiguous()[None]
+    # sum_i w_i ||matched patch_i||^2 from the energy of every style patch, in float64: the residual is a
+    # small difference of large sums.
+    patch_energy = patch_norms(style.double(), size, stride).square()
+    square_sum = (patch_energy[indices] * w.double()).sum()
     mean = weighted_sum / coverage.clamp_min(_EPS)
     residual = (square_sum - (coverage.double() * mean.double().square()).sum()).clamp_min(0)
     return coverage, mean, residual.to(style.dtype)

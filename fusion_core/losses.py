@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .matching import MATCHERS
+from .matching import ProjectedSearch, prepare_search
 
 LOCAL_SCALE = 1e6
 CONTENT_SCALE = 3.0
@@ -59,7 +59,10 @@ class ContentLoss(nn.Module):
 
 class PatchLoss(nn.Module):
     """MRF loss on one layer. ``match`` (no autograd) picks the nearest style patches; ``forward``
-    pulls every output patch toward its match. The optimiser decides when to call ``match``."""
+    pulls every output patch toward its match. The optimiser decides when to call ``match``.
+
+    ``matcher`` names the search in ``matching.MATCHERS``; it is bound to the style map at the first
+    ``match`` and kept, so per-style work (the fast search's projection) is done once per level."""
 
     def __init__(
         self,
@@ -81,13 +84,19 @@ class PatchLoss(nn.Module):
         self.patch_energy = float(energy[style_eligible].mean() if style_eligible is not None else energy.mean())
         self.indices: Tensor | None = None  # last match, for inspection
         self._targets: tuple[Tensor, Tensor, Tensor] | None = None
+        self._search = None
 
     @torch.no_grad()
     def match(self, features: dict[str, Tensor]) -> None:
         current = features[self.layer].detach()
-        self.indices = MATCHERS[self.matcher](
-            current, self.style, self.patch_size, self.stride, style_eligible=self.style_eligible
-        )
+        if self._search is None:
+            self._search = prepare_search(
+                self.matcher, self.style, self.patch_size, self.stride, style_eligible=self.style_eligible
+            )
+        if isinstance(self._search, ProjectedSearch) and self.indices is not None:
+            self.indices = self._search(current, previous=self.indices)  # the last match stays a candidate
+        else:
+            self.indices = self._search(current)
         self._targets = Fn.mrf_targets(
             self.style, self.indices, tuple(current.shape[-2:]), self.patch_size, self.stride, self.target_weights
         )

@@ -17,6 +17,7 @@ from .images import check_image, check_mask, resize, resize_mask
 from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
 from .matching import MATCHERS
 from .memory import check_memory
+from .precision import autocast, enabled_for, into_half, out_of_half
 from .pyramid import fit_longest, level_shapes
 from .vgg import VGGFeatures
 
@@ -27,16 +28,26 @@ OPTIMIZERS = ("lbfgs", "adam")
 class Criterion:
     """The weighted loss terms of one pyramid level, evaluated on an image."""
 
-    def __init__(self, vgg: VGGFeatures, terms: list[tuple[str, float, torch.nn.Module]], tv_weight: float = 0.0):
+    def __init__(
+        self,
+        vgg: VGGFeatures,
+        terms: list[tuple[str, float, torch.nn.Module]],
+        tv_weight: float = 0.0,
+        mixed_precision: bool = False,
+    ):
         self.vgg, self.terms, self.tv_weight = vgg, terms, tv_weight
+        self.mixed_precision = enabled_for(vgg.device, mixed_precision)  # CUDA only; see precision.py
         self.layers = {layer for _, _, m in terms for layer in getattr(m, "layers", (getattr(m, "layer", None),))}
         self.patch_losses = [m for _, _, m in terms if isinstance(m, PatchLoss)]
 
     def __call__(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
-        features = self.vgg(image, self.layers) if self.layers else {}
-        if rematch:
-            for loss in self.patch_losses:
-                loss.match(features)
+        half = self.mixed_precision
+        with autocast(half):  # the VGG pass and the patch search only
+            features = self.vgg(into_half(image, half), self.layers) if self.layers else {}
+            if rematch:
+                for loss in self.patch_losses:
+                    loss.match(features)
+        features = out_of_half(features, half)  # the losses see float32
         values: dict[str, Tensor] = {}
         for kind, weight, module in self.terms:
             values[kind] = values.get(kind, 0.0) + weight * module(features)
@@ -158,7 +169,7 @@ def build_criterion(
             energies = [float(style_features(style, [layer])[layer].square().mean()) for style in active]
             energy = sum(energies) / len(energies) if energies else float(target.square().mean())
             terms.append(("content", settings.content_weight, ContentLoss(layer, target, energy)))
-        return Criterion(vgg, terms, settings.tv_weight)
+        return Criterion(vgg, terms, settings.tv_weight, settings.mixed_precision)
 
 
 def _optimise_level(

@@ -1,0 +1,208 @@
+"""The fast (projected) patch search, the re-matching schedule and the CUDA mixed-precision path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import smooth_image, tiny_vgg
+
+from fusion_core import GlobalStyle, LocalStyle, Settings, precision, stylize
+from fusion_core import matching as M
+from fusion_core.losses import PatchLoss
+from fusion_core.stylize import build_criterion
+
+NO_GPU = "no CUDA GPU here: the float16 autocast path only runs on CUDA"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+
+
+def true_scores(query, style, size=3, stride=1):
+    q = F.unfold(query.double(), size, stride=stride)[0].T
+    s = F.unfold(style.double(), size, stride=stride)[0].T
+    return q @ s.T / s.norm(dim=1).clamp_min(1e-8)
+
+
+def vgg_features(seed, shape=(40, 48), layer="relu3_1"):
+    """Activations of a tiny random VGG on a smooth image: correlated channels, like real features."""
+    with torch.no_grad():
+        return tiny_vgg("vgg19", width=4)(smooth_image(*shape, seed=seed), [layer])[layer]
+
+
+@pytest.mark.parametrize("max_scores", [5, 64, 1 << 24])  # small budgets force many bands and merges
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fast_equals_exact_when_the_candidates_cover_every_style_patch(max_scores, stride):
+    torch.manual_seed(0)
+    query, style = torch.randn(1, 5, 11, 9), torch.randn(1, 5, 10, 13)
+    found = M.projected_nearest_patches(query, style, 3, stride, dims=4, candidates=1000, max_scores=max_scores)
+    assert torch.equal(found, M.nearest_patches(query, style, 3, stride))
+
+
+def test_fast_equals_exact_when_the_projection_keeps_every_dimension():
+    torch.manual_seed(1)
+    query, style = torch.randn(1, 4, 9, 10), torch.randn(1, 4, 12, 8)  # 36 dimensions per patch
+    found = M.projected_nearest_patches(query, style, dims=36, candidates=1)
+    assert torch.equal(found, M.nearest_patches(query, style))
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 50])
+def test_fast_returns_valid_indices_honouring_style_eligibility(candidates):
+    torch.manual_seed(2)
+    query, style = torch.randn(1, 6, 10, 10), torch.randn(1, 6, 11, 12)
+    n_style = 9 * 10
+    eligible = torch.zeros(n_style, dtype=torch.bool)
+    eligible[torch.randperm(n_style)[:7]] = True
+    found = M.projected_nearest_patches(
+        query, style, style_eligible=eligible, dims=8, candidates=candidates, max_scores=40
+    )
+    assert found.shape == (8 * 8,) and found.dtype == torch.long
+    assert ((found >= 0) & (found < n_style)).all()
+    assert eligible[found].all()
+    if candidates >= 7:
+        assert torch.equal(found, M.nearest_patches(query, style, style_eligible=eligible))
+
+
+def test_fast_finds_a_near_best_patch_for_most_queries():
+    query, style = vgg_features(seed=3), vgg_features(seed=4)  # 16 channels: 144 dimensions per patch
+    scores = true_scores(query, style)
+    best = scores.max(1).values
+    found = M.projected_nearest_patches(query, style, dims=16, candidates=8)
+    got = scores.gather(1, found[:, None])[:, 0]
+    close = got >= best - 0.01 * best.abs()
+    assert close.float().mean() >= 0.9, f"only {close.float().mean():.0%} within 1% of the best score"
+    assert (got <= best + 1e-6 * best.abs()).all()
+
+
+def test_the_previous_match_stays_a_candidate():
+    query, style = vgg_features(seed=3), vgg_features(seed=4)
+    search = M.ProjectedSearch(style, dims=2, candidates=1)  # too coarse to find the best on its own
+    exact = M.nearest_patches(query, style)
+    assert not torch.equal(search(query), exact)
+    assert torch.equal(search(query, previous=exact), exact)
+
+
+def test_the_fast_search_is_deterministic():
+    query, style = vgg_features(seed=5), vgg_features(seed=6)
+    a = M.projected_nearest_patches(query, style, dims=8, candidates=4)
+    assert torch.equal(a, M.projected_nearest_patches(query, style, dims=8, candidates=4))
+
+
+def test_patch_loss_fits_the_projection_once(monkeypatch):
+    fitted = []
+    original = M.ProjectedSearch.__init__
+
+    def counting_init(self, *args, **kwargs):
+        fitted.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(M.ProjectedSearch, "__init__", counting_init)
+    loss = PatchLoss("relu3_1", vgg_features(seed=7), matcher="fast")
+    for seed in (8, 9, 10):
+        loss.match({"relu3_1": vgg_features(seed=seed)})
+    assert len(fitted) == 1
+    assert loss.indices is not None and loss.indices.shape == (8 * 10,)  # relu3_1 of 40x48 is 10x12
+
+
+def test_defaults_use_the_fast_search_and_the_exact_one_stays_available():
+    settings = Settings()
+    assert settings.matcher == "fast"
+    assert M.MATCHERS["exact"] is M.nearest_patches and "fast" in M.MATCHERS
+
+
+@pytest.mark.parametrize(("every", "levels", "iterations"), [(1, 1, 3), (3, 1, 7), (2, 2, 3)])
+def test_rematch_schedule_searches_exactly_every_k_iterations(monkeypatch, every, levels, iterations):
+    calls = []
+
+    def counting(query, style, size=3, stride=1, **kwargs):
+        calls.append(1)
+        return M.nearest_patches(query, style, size, stride, **kwargs)
+
+    monkeypatch.setitem(M.MATCHERS, "counting", counting)
+    searched = []  # (level, iteration) of every search, read from the progress reports
+    content, style = smooth_image(24, 32, seed=1), smooth_image(32, 32, seed=2)
+
+    def record(p):
+        while len(searched) < len(calls):
+            searched.append((p.level, p.iteration))
+
+    settings = Settings(size=32, levels=levels, iterations=iterations, matcher="counting", rematch_every=every)
+    stylize(tiny_vgg(), content, [GlobalStyle(style), LocalStyle(style)], settings, on_progress=record)
+    expected = [(level, i) for level in range(1, levels + 1) for i in range(1, iterations + 1) if (i - 1) % every == 0]
+    assert searched == expected
+
+
+def test_exact_matching_every_evaluation_still_runs():
+    content, style = smooth_image(24, 32, seed=1), smooth_image(32, 32, seed=2)
+    settings = Settings(size=32, levels=1, iterations=3, matcher="exact", rematch_every=1)
+    out = stylize(tiny_vgg(), content, [GlobalStyle(style), LocalStyle(style)], settings)
+    assert out.shape == (1, 3, 24, 32) and torch.isfinite(out).all()
+
+
+def test_mixed_precision_never_applies_on_a_cpu():
+    assert not precision.enabled_for(torch.device("cpu"))
+    assert not precision.enabled_for(torch.device("cuda"), wanted=False)
+    assert precision.enabled_for(torch.device("cuda"))
+
+
+def test_gradient_scaling_is_exact_and_neutral():
+    # The float16 pass scales gradients up on the way in and back down at the image: powers of two, exact.
+    grads = []
+    for enabled in (False, True):
+        x = torch.linspace(-3, 3, 12).reshape(3, 4).requires_grad_(True)
+        out = precision.out_of_half({"f": precision.into_half(x, enabled) * 3}, enabled)["f"]
+        (out.square().sum() * 1e-9).backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def _criterion(device, mixed_precision):
+    content, style = smooth_image(24, 32, seed=1).to(device), smooth_image(32, 32, seed=2).to(device)
+    vgg = tiny_vgg().to(device)
+    settings = Settings(size=32, levels=1, mixed_precision=mixed_precision)
+    return build_criterion(vgg, content, [GlobalStyle(style), LocalStyle(style)], settings, (24, 32))
+
+
+def test_criterion_on_cpu_is_float32_whatever_the_setting():
+    image = smooth_image(24, 32, seed=3)
+    results = []
+    for mixed in (False, True):
+        criterion = _criterion("cpu", mixed)
+        assert criterion.mixed_precision is False
+        x = image.clone().requires_grad_(True)
+        values = criterion(x, rematch=True)
+        values["total"].backward()
+        results.append((values["total"].detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@cuda
+def test_cuda_mixed_precision_runs_vgg_in_float16_and_losses_in_float32():
+    image = smooth_image(24, 32, seed=3).cuda()
+    dtypes = []
+    criterion = _criterion("cuda", True)
+    assert criterion.mixed_precision is True
+    hook = criterion.vgg.convs[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    x = image.clone().requires_grad_(True)
+    values = criterion(x, rematch=True)
+    values["total"].backward()
+    hook.remove()
+    assert dtypes == [torch.float16]
+    assert all(v.dtype == torch.float32 for v in values.values())
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    reference = _criterion("cuda", False)
+    y = image.clone().requires_grad_(True)
+    expected = reference(y, rematch=True)
+    expected["total"].backward()
+    torch.testing.assert_close(values["total"], expected["total"], rtol=2e-2, atol=0)
+    assert F.cosine_similarity(x.grad.flatten(), y.grad.flatten(), dim=0) > 0.99
+
+
+@cuda
+def test_cuda_fast_search_under_autocast_agrees_with_float32():
+    query, style = vgg_features(seed=3).cuda(), vgg_features(seed=4).cuda()
+    eligible = torch.rand(8 * 10, generator=torch.Generator().manual_seed(0)) < 0.5
+    eligible = eligible.cuda()
+    plain = M.projected_nearest_patches(query, style, style_eligible=eligible, dims=16, candidates=8)
+    with precision.autocast(True):
+        half = M.projected_nearest_patches(query.half(), style, style_eligible=eligible, dims=16, candidates=8)
+        exact = M.nearest_patches(query.half(), style, style_eligible=eligible)
+    assert eligible[half].all()
+    assert (half == plain).float().mean() > 0.95
+    assert torch.equal(exact, M.nearest_patches(query, style, style_eligible=eligible))
