@@ -14,6 +14,17 @@ STYLE_IMAGE = (
     "IMAGE",
     {"tooltip": "The style image. A batch of several images blends them equally (the weight is shared)."},
 )
+BLEND = (
+    "FLOAT",
+    {
+        "default": 1.0,
+        "min": 0.0,
+        "max": 1.0,
+        "step": 0.01,
+        "tooltip": "This style's share when several styles are chained: multiplies the weight (e.g. 0.7 on one "
+        "style's losses and 0.3 on the other's). A style batch is split equally on top of it; 0 switches it off.",
+    },
+)
 STYLE_SCALE = (
     "FLOAT",
     {
@@ -29,6 +40,7 @@ OPTIONAL = {
     "mask": ("MASK", {"tooltip": "Where on the output this style applies (1 = here); stretched to the output size."}),
     "style_mask": ("MASK", {"tooltip": "Which part of the style image to take the style from (1 = from here)."}),
     "style_losses": (STYLE_LOSSES, {"tooltip": "Style losses to add these to, for several styles or regions."}),
+    "blend": BLEND,
 }
 
 
@@ -42,11 +54,12 @@ class _StyleLoss:
     FUNCTION = "add"
 
     @staticmethod
-    def chained(make_term, style_image, weight, mask, style_mask, style_losses) -> tuple[list]:
-        """One term per image of the style batch, each with an equal share of ``weight``, after the chained-in ones."""
+    def chained(make_term, style_image, weight, mask, style_mask, style_losses, blend) -> tuple[list]:
+        """One term per image of the style batch, each with an equal share of ``weight * blend``, after the
+        chained-in ones."""
         images = split_images("style_image", style_image)
         mask, style_mask = single_mask("mask", mask), single_mask("style_mask", style_mask)
-        share = weight / len(images)
+        share = weight * (1.0 if blend is None else blend) / len(images)
         terms = [make_term(image, weight=share, target_mask=mask, style_mask=style_mask) for image in images]
         return (chain(style_losses, terms),)
 
@@ -86,9 +99,9 @@ class FusionStyleGlobalStyleLoss(_StyleLoss):
             "optional": OPTIONAL,
         }
 
-    def add(self, style_image, weight, layers, style_scale, mask=None, style_mask=None, style_losses=None):
+    def add(self, style_image, weight, layers, style_scale, mask=None, style_mask=None, style_losses=None, blend=None):
         term = partial(GlobalStyle, layers=parse_layers("layers", layers), scale=style_scale)
-        return self.chained(term, style_image, weight, mask, style_mask, style_losses)
+        return self.chained(term, style_image, weight, mask, style_mask, style_losses, blend)
 
 
 class FusionStyleLocalPatchLoss(_StyleLoss):
@@ -143,7 +156,17 @@ class FusionStyleLocalPatchLoss(_StyleLoss):
         }
 
     def add(
-        self, style_image, weight, layer, patch_size, stride, style_scale, mask=None, style_mask=None, style_losses=None
+        self,
+        style_image,
+        weight,
+        layer,
+        patch_size,
+        stride,
+        style_scale,
+        mask=None,
+        style_mask=None,
+        style_losses=None,
+        blend=None,
     ):
         term = partial(LocalStyle, layer=layer, patch_size=patch_size, stride=stride, scale=style_scale)
-        return self.chained(term, style_image, weight, mask, style_mask, style_losses)
+        return self.chained(term, style_image, weight, mask, style_mask, style_losses, blend)

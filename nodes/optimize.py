@@ -8,22 +8,28 @@ from ..fusion_core.colour import COLOR_MODES
 from ..fusion_core.config import Settings
 from ..fusion_core.errors import Cancelled
 from ..fusion_core.images import to_pil
+from ..fusion_core.matching import MATCHERS
 from ..fusion_core.memory import estimate_bytes
 from ..fusion_core.pyramid import fit_longest
-from ..fusion_core.stylize import INITS, stylize
+from ..fusion_core.stylize import INITS, OPTIMIZERS, stylize
 from . import comfy
 from .common import CATEGORY, LAYERS, STYLE_LOSSES
 from .tensors import join_images, split_images
 
 _DEFAULTS = Settings()
 PREVIEW_EVERY = 5  # iterations between live previews on the node
+MATCHER_HELP = {  # for the tooltip; the choices are whatever fusion_core.matching offers
+    "exact": "compares it with every style patch",
+    "fast": "searches a low-dimensional projection first: far cheaper on large images, nearly as exact",
+}
 
 
 class FusionStyleFusedOptimize:
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Paints the content image in the style of the chained style losses: optimises the image's pixels with "
-        "L-BFGS, coarse to fine, against the fused global (Gram) + local (patch) style losses and a content loss."
+        "L-BFGS (or Adam), coarse to fine, against the fused global (Gram) + local (patch) style losses and a "
+        "content loss."
     )
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -79,7 +85,7 @@ class FusionStyleFusedOptimize:
                         "default": _DEFAULTS.iterations,
                         "min": 1,
                         "max": 5000,
-                        "tooltip": "L-BFGS iterations per level.",
+                        "tooltip": "Optimiser iterations per level (Adam needs more than L-BFGS).",
                     },
                 ),
                 "init": (
@@ -111,6 +117,55 @@ class FusionStyleFusedOptimize:
                         "content's palette first.",
                     },
                 ),
+                "optimizer": (
+                    list(OPTIMIZERS),
+                    {
+                        "default": _DEFAULTS.optimizer,
+                        "tooltip": "'lbfgs' (the paper; converges in fewer iterations) or 'adam' (less memory, "
+                        "needs more iterations).",
+                    },
+                ),
+                "learning_rate": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.001,
+                        "tooltip": "The optimiser's step size; 0 = its default (1 for L-BFGS, 0.02 for Adam, "
+                        "the image being in 0..1).",
+                    },
+                ),
+                "tv_weight": (
+                    "FLOAT",
+                    {
+                        "default": _DEFAULTS.tv_weight,
+                        "min": 0.0,
+                        "max": 10000.0,
+                        "step": 0.1,
+                        "tooltip": "Total-variation weight: smooths pixel noise (try 5 to 50). 0, as in the "
+                        "paper, switches it off.",
+                    },
+                ),
+                "matcher": (
+                    list(MATCHERS),
+                    {
+                        "default": _DEFAULTS.matcher,
+                        "tooltip": "How the local loss finds each output patch's nearest style patch: "
+                        + "; ".join(f"'{name}' {MATCHER_HELP.get(name, '')}".strip() for name in MATCHERS)
+                        + ".",
+                    },
+                ),
+                "rematch_every": (
+                    "INT",
+                    {
+                        "default": _DEFAULTS.rematch_every,
+                        "min": 1,
+                        "max": 100,
+                        "tooltip": "Search the nearest style patches every n-th iteration and reuse the matches in "
+                        "between; 1 searches at every iteration, higher is faster.",
+                    },
+                ),
             },
         }
 
@@ -127,6 +182,11 @@ class FusionStyleFusedOptimize:
         init,
         seed,
         color=None,
+        optimizer=None,
+        learning_rate=None,
+        tv_weight=None,
+        matcher=None,
+        rematch_every=None,
     ):
         settings = Settings(
             content_weight=content_weight,
@@ -137,6 +197,11 @@ class FusionStyleFusedOptimize:
             init=init,
             seed=seed,
             color=color or _DEFAULTS.color,
+            optimizer=optimizer or _DEFAULTS.optimizer,
+            learning_rate=learning_rate or None,  # 0: the optimiser's own default
+            tv_weight=_DEFAULTS.tv_weight if tv_weight is None else tv_weight,
+            matcher=matcher or _DEFAULTS.matcher,
+            rematch_every=rematch_every or _DEFAULTS.rematch_every,
             preview_every=PREVIEW_EVERY,
         )
         contents = split_images("content_image", content_image)

@@ -16,7 +16,9 @@ from unittest.mock import patch
 import fusion_style
 import pytest
 import torch
-from fusion_style.fusion_core import FusionError, GlobalStyle, LocalStyle, VGGFeatures, random_vgg
+from fusion_style.fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, VGGFeatures, random_vgg
+from fusion_style.fusion_core.matching import MATCHERS
+from fusion_style.fusion_core.stylize import OPTIMIZERS
 from fusion_style.fusion_core.vgg import torchvision_conv_indices
 from fusion_style.fusion_core.weights import save_safetensors_atomic
 from fusion_style.nodes import comfy, loader, optimize
@@ -260,6 +262,59 @@ def test_style_batch_blends_equally():
     assert len({id(t.image) for t in terms[:3]}) == 3
 
 
+def style_pair(style_image, blend, previous=None) -> list:
+    """A Global + Local loss pair for one style at ``blend``, chained after ``previous``."""
+    (terms,) = run(
+        "FusionStyleGlobalStyleLoss",
+        style_image=style_image,
+        weight=20.0,
+        layers="relu1_2,relu2_2,relu3_3",
+        style_scale=1.0,
+        style_losses=previous,
+        blend=blend,
+    )
+    (terms,) = run(
+        "FusionStyleLocalPatchLoss",
+        style_image=style_image,
+        weight=1e-4,
+        layer="relu3_1",
+        patch_size=3,
+        stride=1,
+        style_scale=1.0,
+        style_losses=terms,
+        blend=blend,
+    )
+    return terms
+
+
+def test_blend_defaults_to_one_and_stays_in_0_1():
+    for name in ("FusionStyleGlobalStyleLoss", "FusionStyleLocalPatchLoss"):
+        (kind, options) = NODES[name].INPUT_TYPES()["optional"]["blend"]
+        assert (kind, options["default"], options["min"], options["max"]) == ("FLOAT", 1.0, 0.0, 1.0)
+
+
+def test_blend_multiplies_the_weight_on_top_of_the_batch_split():
+    a = style_pair(images(1, 40, 32, seed=1), blend=0.7)
+    ab = style_pair(images(2, 40, 32, seed=2), blend=0.3, previous=a)
+    assert [t.weight for t in ab] == pytest.approx([20 * 0.7, 1e-4 * 0.7] + [20 * 0.3 / 2] * 2 + [1e-4 * 0.3 / 2] * 2)
+    assert [t.weight for t in style_pair(images(1, 40, 32), blend=None)] == [20.0, 1e-4]  # not given: 1
+    assert [t.weight for t in style_pair(images(1, 40, 32), blend=0.0)] == [0.0, 0.0]  # a zero-weight term
+
+
+def test_blend_one_to_zero_reproduces_the_single_style_exactly(vgg):
+    style_a, style_b, content = images(1, 40, 32, seed=1), images(1, 36, 36, seed=2), images(1, 32, 32, seed=3)
+    single = style_pair(style_a, blend=1.0)
+    both = style_pair(style_b, blend=0.0, previous=style_pair(style_a, blend=1.0))
+    assert len(both) == 4
+    (alone,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, single, levels=2))
+    (blended,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, both, levels=2))
+    assert torch.equal(alone, blended)
+    # ... and the other style does count when it has a share.
+    mixed = style_pair(style_b, blend=0.5, previous=style_pair(style_a, blend=0.5))
+    (half,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, mixed, levels=2))
+    assert not torch.equal(alone, half)
+
+
 @pytest.mark.parametrize(
     "name, inputs",
     [
@@ -343,6 +398,67 @@ def test_optimize_color_mode(vgg):
     (image,) = run(
         "FusionStyleFusedOptimize", **optimize_inputs(vgg, images(1, 32, 32), style_losses(), color="luminance")
     )
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_optimize_new_inputs_default_to_the_library_defaults():
+    optional = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["optional"]
+    defaults = Settings()
+    assert optional["optimizer"][0] == list(OPTIMIZERS) and optional["matcher"][0] == list(MATCHERS)
+    for name in ("color", "optimizer", "tv_weight", "matcher", "rematch_every"):
+        assert optional[name][1]["default"] == getattr(defaults, name), name
+    assert defaults.learning_rate is None and optional["learning_rate"][1]["default"] == 0  # 0 stands for None
+    assert optional["tv_weight"][1]["min"] == optional["learning_rate"][1]["min"] == 0
+    assert optional["rematch_every"][1]["min"] == 1
+
+
+def capture_settings(monkeypatch, vgg, **inputs) -> Settings:
+    """The Settings Fused Style Optimize hands to fusion_core for ``inputs``."""
+    captured = []
+
+    def fake_stylize(vgg, content, styles, settings, **kwargs):
+        captured.append(settings)
+        return content
+
+    monkeypatch.setattr(optimize, "stylize", fake_stylize)
+    run("FusionStyleFusedOptimize", **optimize_inputs(vgg, images(1, 32, 32), style_losses(), **inputs))
+    (settings,) = captured
+    return settings
+
+
+def test_optimize_optimiser_inputs_reach_fusion_core(monkeypatch, vgg):
+    settings = capture_settings(
+        monkeypatch, vgg, optimizer="adam", learning_rate=0.05, tv_weight=5.0, matcher="exact", rematch_every=4
+    )
+    assert (settings.optimizer, settings.learning_rate, settings.tv_weight) == ("adam", 0.05, 5.0)
+    assert (settings.matcher, settings.rematch_every) == ("exact", 4)
+    settings = capture_settings(monkeypatch, vgg, optimizer="lbfgs", learning_rate=0.0, tv_weight=0.0)
+    assert settings.learning_rate is None  # 0: the optimiser's own default
+    defaults, omitted = Settings(), capture_settings(monkeypatch, vgg)  # an old workflow without the new inputs
+    for name in ("color", "optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every"):
+        assert getattr(omitted, name) == getattr(defaults, name), name
+
+
+def test_optimize_with_adam_and_tv(vgg):
+    content, terms = images(1, 32, 32), style_losses()
+    (lbfgs,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms))
+    (adam,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, optimizer="adam"))
+    (smooth,) = run(
+        "FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, optimizer="adam", tv_weight=1000.0)
+    )
+    assert adam.shape == smooth.shape == (1, 32, 32, 3) and not torch.equal(lbfgs, adam)
+    assert adam.min() >= 0 and adam.max() <= 1
+
+    def roughness(image):
+        return (image[:, 1:] - image[:, :-1]).abs().mean() + (image[:, :, 1:] - image[:, :, :-1]).abs().mean()
+
+    assert roughness(smooth) < roughness(adam)
+
+
+@pytest.mark.parametrize("matcher", list(MATCHERS))
+def test_optimize_with_each_matcher(vgg, matcher):
+    inputs = optimize_inputs(vgg, images(1, 32, 32), style_losses(), matcher=matcher, rematch_every=2)
+    (image,) = run("FusionStyleFusedOptimize", **inputs)
     assert image.shape == (1, 32, 32, 3)
 
 
