@@ -22,6 +22,7 @@ CORE_NODES = {
         {"required": {"image": (IMAGE_FILE, UPLOAD), "channel": (["alpha", "red", "green", "blue"], {})}},
         ("MASK",),
     ),
+    "InvertMask": ({"required": {"mask": ("MASK", {})}}, ("MASK",)),
     "SaveImage": ({"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}, ()),
     "ImageScaleBy": (
         {
@@ -95,8 +96,14 @@ def workflow(request) -> dict:
     return json.loads(request.param.read_text(encoding="utf-8"))
 
 
-def test_the_three_workflows_ship_with_previews():
-    assert [path.stem for path in WORKFLOWS] == ["fusion_basic", "fusion_masked", "fusion_upscale"]
+def test_the_workflows_ship_with_previews():
+    assert [path.stem for path in WORKFLOWS] == [
+        "fusion_basic",
+        "fusion_keep_colors",
+        "fusion_masked",
+        "fusion_two_styles_regions",
+        "fusion_upscale",
+    ]
     for path in WORKFLOWS:
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no preview image"
 
@@ -167,6 +174,78 @@ def test_a_note_says_what_goes_where(workflow):
             assert node["widgets_values"][0] in text, f"the note does not name {node['widgets_values'][0]}"
 
 
+def test_optional_tuning_inputs_are_at_the_library_defaults(workflow):
+    # What a workflow does not show off stays at fusion_core's defaults (e.g. the patch matcher), so a default
+    # changed in the library is a failing test here rather than workflows that quietly run the old way.
+    tuning = {
+        "FusionStyleGlobalStyleLoss": ("blend",),
+        "FusionStyleLocalPatchLoss": ("blend",),
+        "FusionStyleFusedOptimize": ("optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every"),
+    }
+    for node in workflow["nodes"]:
+        if node["type"] not in tuning:
+            continue
+        layout = widget_layout(node["type"])
+        values = {name: value for (name, _, _), value in zip(layout, node["widgets_values"], strict=True)}
+        for name in tuning[node["type"]]:
+            (options,) = [options for input_name, _, options in layout if input_name == name]
+            assert values[name] == options["default"], f"node {node['id']}.{name}: {values[name]!r}"
+
+
 def test_load_vgg_defaults_to_the_official_weights(workflow):
     (loader,) = [node for node in workflow["nodes"] if node["type"] == "FusionStyleLoadVGG"]
     assert loader["widgets_values"][0] == "vgg19"
+
+
+# --- what the issue-4 workflows show ---------------------------------------------------------------------
+
+
+def load(name: str) -> tuple[dict, dict]:
+    """(nodes by id, links by id) of workflows/<name>.json."""
+    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    return {node["id"]: node for node in workflow["nodes"]}, {link[0]: link for link in workflow["links"]}
+
+
+def source(nodes: dict, links: dict, node: dict, input_name: str) -> dict | None:
+    """The node feeding ``input_name`` of ``node``, or None if it is not connected."""
+    (slot,) = [slot for slot in node["inputs"] if slot["name"] == input_name]
+    return None if slot["link"] is None else nodes[links[slot["link"]][1]]
+
+
+def chain_of_losses(nodes: dict, links: dict, optimizer: dict) -> list[dict]:
+    """The loss nodes chained into ``optimizer``, first to last."""
+    chain, node = [], source(nodes, links, optimizer, "style_losses")
+    while node is not None:
+        chain.insert(0, node)
+        node = source(nodes, links, node, "style_losses")
+    return chain
+
+
+def test_two_styles_regions_gives_each_style_its_own_region():
+    nodes, links = load("fusion_two_styles_regions")
+    (optimizer,) = [n for n in nodes.values() if n["type"] == "FusionStyleFusedOptimize"]
+    chain = chain_of_losses(nodes, links, optimizer)
+    kinds = ["FusionStyleGlobalStyleLoss", "FusionStyleLocalPatchLoss"] * 2
+    assert [n["type"] for n in chain] == kinds  # all four losses in one chain
+    styles = [source(nodes, links, n, "style_image")["widgets_values"][0] for n in chain]
+    masks = [source(nodes, links, n, "mask") for n in chain]
+    assert styles[0] == styles[1] != styles[2] == styles[3]  # a Global + Local pair per style
+    assert masks[0] is masks[1] and masks[2] is masks[3]  # each pair shares its region
+    # The second region is the inverse of the first, so the two cover the image between them.
+    assert masks[2]["type"] == "InvertMask" and source(nodes, links, masks[2], "mask") is masks[0]
+    assert all(n["widgets_values"][-1] == 1.0 for n in chain)  # blend: each style at full weight in its region
+
+
+def test_keep_colors_runs_luminance_and_histogram_side_by_side():
+    nodes, links = load("fusion_keep_colors")
+    optimizers = [n for n in nodes.values() if n["type"] == "FusionStyleFusedOptimize"]
+    layout = [name for name, _, _ in widget_layout("FusionStyleFusedOptimize")]
+    colors = sorted(n["widgets_values"][layout.index("color")] for n in optimizers)
+    assert colors == ["histogram", "luminance"]
+    # The same losses and content for both; only the colour mode differs.
+    assert len({id(chain_of_losses(nodes, links, n)[-1]) for n in optimizers}) == 1
+    assert len({id(source(nodes, links, n, "content_image")) for n in optimizers}) == 1
+    others = [[v for name, v in zip(layout, n["widgets_values"], strict=True) if name != "color"] for n in optimizers]
+    assert others[0] == others[1]
+    saves = [n for n in nodes.values() if n["type"] == "SaveImage"]
+    assert {id(source(nodes, links, n, "images")) for n in saves} == {id(n) for n in optimizers}
