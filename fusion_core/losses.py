@@ -29,8 +29,12 @@ CONTENT_SCALE = 3.0
 class GramLoss(nn.Module):
     """Gram loss against fixed style Grams, optionally guided by a mask per layer."""
 
-    def __init__(self, style_features: dict[str, Tensor], style_masks: dict[str, Tensor | None] | None = None,
-                 target_masks: dict[str, Tensor | None] | None = None) -> None:
+    def __init__(
+        self,
+        style_features: dict[str, Tensor],
+        style_masks: dict[str, Tensor | None] | None = None,
+        target_masks: dict[str, Tensor | None] | None = None,
+    ) -> None:
         super().__init__()
         self.layers = tuple(style_features)
         style_masks = style_masks or {}
