@@ -12,6 +12,7 @@ import torch
 from .config import GlobalStyle, LocalStyle, Progress, Settings
 from .errors import Cancelled, FusionError
 from .images import check_output_path, load_image, save_image
+from .matching import MATCHERS
 from .stylize import stylize
 from .weights import load_vgg
 
@@ -76,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for L-BFGS, 0.02 for Adam)")
     p.add_argument("--tv-weight", type=float, default=_DEFAULTS.tv_weight, help="total-variation weight")
     p.add_argument("--save-every", type=int, default=0, help="also write the current image to --out every N iterations")
+    p.add_argument(
+        "--matcher",
+        default=_DEFAULTS.matcher,
+        choices=sorted(MATCHERS),
+        help="nearest-patch search of the local loss: fast (default) or exact (every style patch, every time)",
+    )
+    p.add_argument(
+        "--rematch-every", type=int, default=_DEFAULTS.rematch_every, help="search nearest patches every N iterations"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -167,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tv_weight=args.tv_weight,
             color=args.color,
             preview_every=args.save_every,
+            matcher=args.matcher,
+            rematch_every=args.rematch_every,
         )
         vgg = load_vgg(
             args.weights,

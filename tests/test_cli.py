@@ -81,6 +81,10 @@ def test_several_styles_masks_and_controls(files):
         "0.8",
         "--save-every",
         "2",
+        "--matcher",
+        "exact",
+        "--rematch-every",
+        "2",
         "--quiet",
     ]
     assert run(files, *args, "--out", str(out)) == 0
