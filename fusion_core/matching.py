@@ -17,6 +17,7 @@ per pyramid level rather than at every search.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -110,20 +111,34 @@ def _patch_dots(
 ) -> Tensor:
     """<query patch q_index[i], style patch s_index[i, j]> for (n,) and (n, k) indices: (n, k).
 
-    ``query`` and ``style`` are maps in ``_positions_last`` layout of spatial ``q_shape`` and ``s_shape``;
-    they are read offset by offset, so only (n * k, C) values are gathered at a time.
+    ``query`` and ``style`` are maps in ``_positions_last`` layout of spatial ``q_shape`` and ``s_shape``.
+    A patch product is the sum over the size^2 offsets of a product of two positions; for each offset
+    the (n, k) products are a sampled matrix product (SDDMM: only the entries of the CSR pattern
+    are computed), so no (n, k, C) block of gathered style values is ever written.
     """
     _, q_cols = patch_grid(*q_shape, size, stride)
     _, s_cols = patch_grid(*s_shape, size, stride)
     q_start = (q_index // q_cols) * stride * q_shape[1] + (q_index % q_cols) * stride
     s_start = (s_index // s_cols) * stride * s_shape[1] + (s_index % s_cols) * stride
-    dots = query.new_zeros(s_index.shape)
-    for dy in range(size):
-        for dx in range(size):
-            q = query.index_select(0, q_start + dy * q_shape[1] + dx)  # (n, C)
-            s = style.index_select(0, (s_start + dy * s_shape[1] + dx).flatten()).view(*s_index.shape, -1)  # (n, k, C)
-            dots += torch.bmm(s, q[:, :, None])[..., 0]
-    return dots
+    n, k = s_index.shape
+    # Rows of the pattern are the query map's positions first .. last (a slice of ``query``, not a copy);
+    # positions that start no patch of this chunk have empty rows. q_start increases with the index.
+    first, relative = q_start[0], q_start - q_start[0]
+    span = int(relative[-1]) + 1
+    row_starts = k * torch.searchsorted(relative, torch.arange(span + 1, device=relative.device))
+    zeros = query.new_zeros(n * k)
+    dots = query.new_zeros(n * k)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "CSR support is in beta": used as documented
+        for dy in range(size):
+            for dx in range(size):
+                offset = dy * q_shape[1] + dx
+                pattern = torch.sparse_csr_tensor(
+                    row_starts, (s_start + dy * s_shape[1] + dx).flatten(), zeros, size=(span, style.shape[0])
+                )
+                q = query[first + offset : first + offset + span]  # (span, C)
+                dots += torch.sparse.sampled_addmm(pattern, q, style.T, beta=0).values()
+    return dots.view(n, k)
 
 
 class ProjectedSearch:
