@@ -6,7 +6,7 @@ import torch
 
 from ..fusion_core.colour import COLOR_MODES
 from ..fusion_core.config import Settings
-from ..fusion_core.errors import Cancelled
+from ..fusion_core.errors import Cancelled, FusionError
 from ..fusion_core.images import to_pil
 from ..fusion_core.matching import MATCHERS
 from ..fusion_core.memory import estimate_bytes
@@ -219,9 +219,14 @@ class FusionStyleFusedOptimize:
                 def on_progress(p, done=i * steps):
                     update(done + p.step, None if p.image is None else to_pil(p.image))
 
-                image = stylize(
-                    vgg, content, style_losses, settings, on_progress=on_progress, should_stop=comfy.should_stop
-                )
+                try:
+                    image = stylize(
+                        vgg, content, style_losses, settings, on_progress=on_progress, should_stop=comfy.should_stop
+                    )
+                except FusionError as error:
+                    if len(contents) == 1:
+                        raise
+                    raise FusionError(f"content_image[{i}] (of a batch of {len(contents)}): {error}") from None
                 results.append(image)
         except Cancelled as error:
             comfy.raise_interrupted(error)

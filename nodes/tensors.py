@@ -13,10 +13,18 @@ from ..fusion_core.errors import FusionError
 
 
 def split_images(name: str, images: Tensor) -> list[Tensor]:
-    """A ComfyUI IMAGE batch as a list of fusion_core images (an alpha channel is dropped)."""
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] < 1 or images.shape[-1] < 3:
+    """A ComfyUI IMAGE batch as a list of fusion_core RGB images.
+
+    An alpha channel is dropped; a single-channel (grey) image is repeated to RGB.
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] < 1 or images.shape[-1] not in (1, 3, 4):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise FusionError(f"{name}: expected a ComfyUI IMAGE of shape (batch, height, width, 3), got {shape}")
+        raise FusionError(
+            f"{name}: expected a ComfyUI IMAGE of shape (batch, height, width, 3) (1 or 4 channels are converted), "
+            f"got {shape}"
+        )
+    if images.shape[-1] == 1:
+        images = images.expand(-1, -1, -1, 3)
     # contiguous: fusion_core would otherwise optimise a channels-last view (L-BFGS needs a flat gradient)
     return [image[None, ..., :3].movedim(-1, 1).contiguous() for image in images]
 

@@ -666,3 +666,30 @@ print(sorted(module.NODE_CLASS_MAPPINGS))
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(sorted(NODES))
+
+
+# --- robustness of the IMAGE inputs ------------------------------------------------------------------
+
+
+def test_rgba_and_grey_images_are_converted(vgg):
+    rgb = images(1, 24, 32, seed=3)
+    with torch.inference_mode():
+        rgba = torch.cat([rgb, torch.rand(1, 24, 32, 1)], -1)
+        grey = rgb[..., :1]
+    terms = style_losses()
+    (from_rgba,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgba, terms))
+    (from_rgb,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgb, terms))
+    assert torch.equal(from_rgba, from_rgb)  # the alpha channel is ignored
+    (from_grey,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, grey, terms))
+    (from_grey3,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, grey.expand(-1, -1, -1, 3), terms))
+    assert torch.equal(from_grey, from_grey3)
+    with pytest.raises(FusionError, match=r"content_image: expected a ComfyUI IMAGE .* got \(1, 24, 32, 2\)"):
+        run("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgb[..., :2], terms))
+
+
+def test_a_failing_batch_item_is_named(vgg):
+    with torch.inference_mode():
+        batch = images(3, 24, 32, seed=4).clone()
+        batch[2, 0, 0, 0] = float("nan")
+    with pytest.raises(FusionError, match=r"content_image\[2\] \(of a batch of 3\): content: the image contains NaN"):
+        run("FusionStyleFusedOptimize", **optimize_inputs(vgg, batch, style_losses()))
