@@ -163,16 +163,17 @@ def caption(numbers: dict | None) -> str:
     return f"SWD {numbers['style_swd']:.3f}  dC {numbers['content_dist']:.3f}  SSIM {numbers['ssim']:.3f}"
 
 
-def tile(image: torch.Tensor, box: int, title: str, line: str) -> Image.Image:
-    """The image fitted in a box x box square, with a title and a line of numbers below."""
-    text = max(10, box // 22)
-    cell = Image.new("RGB", (box, box + 2 * text + 10), "white")
+def tile(image: torch.Tensor, box: tuple[int, int], title: str, line: str) -> Image.Image:
+    """The image fitted in a (width, height) box, with a title and a line of numbers below."""
+    width, height = box
+    text = max(10, width // 22)
+    cell = Image.new("RGB", (width, height + 2 * text + 10), "white")
     picture = to_pil(image)
-    picture.thumbnail((box, box), Image.LANCZOS)
-    cell.paste(picture, ((box - picture.width) // 2, (box - picture.height) // 2))
+    picture.thumbnail((width, height), Image.LANCZOS)
+    cell.paste(picture, ((width - picture.width) // 2, (height - picture.height) // 2))
     draw = ImageDraw.Draw(cell)
-    draw.text((4, box + 2), title, fill="black", font=font(text))
-    draw.text((4, box + text + 5), line, fill="black", font=font(text))
+    draw.text((4, height + 2), title, fill="black", font=font(text))
+    draw.text((4, height + text + 5), line, fill="black", font=font(text))
     return cell
 
 
@@ -235,7 +236,6 @@ def main() -> None:
     vgg = load_vgg(args.weights)
     settings = Settings(size=args.size, levels=args.levels, iterations=args.iterations, seed=args.seed)
     renderer = Renderer(vgg, images, settings, Path(args.cache or Path(tempfile.gettempdir()) / "fusion_style_compare"))
-    box = args.size
     started = time.perf_counter()
     results: dict = {
         "command": "PYTHONPATH=. python benchmarks/compare.py " + " ".join(sys.argv[1:]),
@@ -265,6 +265,7 @@ def main() -> None:
         content_name, style_name = PAIRS[pair]
         content, style = images[content_name], images[style_name]
         shape = fit_longest(content.shape[-2], content.shape[-1], args.size)
+        box = (args.size, shape[0])  # every tile of a row as tall as the output
         reference = renderer.measure(resize(content, shape), content, style)
         runs = {method: renderer.run(pair, method) for method in METHODS}
         results["pairs"][pair] = {
@@ -288,6 +289,7 @@ def main() -> None:
         pair = args.sweep_pair
         content_name, style_name = PAIRS[pair]
         sweep = [(a2, *renderer.run(pair, "fusion", a2=a2)) for a2 in SWEEP_A2]
+        box = (args.size, sweep[0][1].shape[-2])
         global_image, global_record = renderer.run(pair, "global")
         results["sweep"] = {
             "pair": pair,
