@@ -1,6 +1,6 @@
 """Before/after pictures of each control for the README, made with the trained VGG16.
 
-    python benchmarks/controls_demo.py --size 256 --out docs
+    PYTHONPATH=. python benchmarks/controls_demo.py --size 256 --iters 80    # the pictures in README.md
 
 Writes docs/control_*.jpg: each a row of labelled panels (inputs, the default result, the control's result).
 """
@@ -22,6 +22,7 @@ from fusion_core.images import resize, to_pil  # noqa: E402
 from fusion_core.pyramid import fit_longest  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROWS = ["regions", "colour", "blend", "scale", "optimiser"]
 PANEL = 200
 
 
@@ -50,9 +51,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=str(SHARED / "models" / "vgg16_hed_caffe_fp16.safetensors"))
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--iters", type=int, default=80)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="which pictures to render")
     args = parser.parse_args()
+    rows = set(args.rows)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     vgg = load_vgg(args.weights)
@@ -66,70 +69,40 @@ def main() -> None:
     def run(styles, **changes):
         return stylize(vgg, cat, styles, Settings(**{**vars(settings), **changes}))
 
-    default = run(fused(starry))
+    default = run(fused(starry)) if rows - {"regions"} else None
 
-    # Regions: Starry Night on the left, Matisse on the right (soft edge).
-    h, w = fit_longest(cat.shape[-2], cat.shape[-1], args.size)
-    ramp = torch.linspace(-1, 1, w).clamp(-0.15, 0.15) / 0.3 + 0.5
-    right = ramp.expand(h, w).contiguous()
-    regions = run(fused(starry, target_mask=1 - right) + fused(matisse, target_mask=right))
-    row(
-        [
-            panel(cat, "content"),
-            panel(starry, "style left"),
-            panel(matisse, "style right"),
-            panel(right.expand(1, 3, h, w), "mask (white: right)"),
-            panel(regions, "two styles, two regions"),
-        ],
-        out / "control_regions.jpg",
-    )
+    if "regions" in rows:  # Starry Night on the left, Matisse on the right (soft edge)
+        h, w = fit_longest(cat.shape[-2], cat.shape[-1], args.size)
+        ramp = torch.linspace(-1, 1, w).clamp(-0.15, 0.15) / 0.3 + 0.5
+        right = ramp.expand(h, w).contiguous()
+        regions = run(fused(starry, target_mask=1 - right) + fused(matisse, target_mask=right))
+        panels = [panel(cat, "content"), panel(starry, "style left"), panel(matisse, "style right")]
+        panels += [panel(right.expand(1, 3, h, w), "mask (white: right)"), panel(regions, "two styles, two regions")]
+        row(panels, out / "control_regions.jpg")
 
-    # Colour: keep the content's colours.
-    row(
-        [
-            panel(cat, "content"),
-            panel(starry, "style"),
-            panel(default, "color none (default)"),
-            panel(run(fused(starry), color="luminance"), "color luminance"),
-            panel(run(fused(starry), color="histogram"), "color histogram"),
-        ],
-        out / "control_colour.jpg",
-    )
+    if "colour" in rows:  # keep the content's colours
+        panels = [panel(cat, "content"), panel(starry, "style"), panel(default, "color none (default)")]
+        panels += [panel(run(fused(starry), color="luminance"), "color luminance")]
+        panels += [panel(run(fused(starry), color="histogram"), "color histogram")]
+        row(panels, out / "control_colour.jpg")
 
-    # Several styles blended.
-    row(
-        [
-            panel(starry, "style A"),
-            panel(matisse, "style B"),
-            panel(default, "A only"),
-            panel(run(fused(starry, 0.5) + fused(matisse, 0.5)), "blend 0.5 : 0.5"),
-            panel(run(fused(matisse)), "B only"),
-        ],
-        out / "control_blend.jpg",
-    )
+    if "blend" in rows:  # several styles blended
+        panels = [panel(starry, "style A"), panel(matisse, "style B"), panel(default, "A only")]
+        panels += [panel(run(fused(starry, 0.5) + fused(matisse, 0.5)), "blend 0.5 : 0.5")]
+        panels += [panel(run(fused(matisse)), "B only")]
+        row(panels, out / "control_blend.jpg")
 
-    # Style scale: brush strokes relative to the output.
-    row(
-        [
-            panel(cat, "content"),
-            panel(starry, "style"),
-            panel(run(fused(starry, scale=0.5)), "scale 0.5"),
-            panel(default, "scale 1 (default)"),
-            panel(run(fused(starry, scale=2.0)), "scale 2"),
-        ],
-        out / "control_scale.jpg",
-    )
+    if "scale" in rows:  # brush strokes relative to the output
+        panels = [panel(cat, "content"), panel(starry, "style"), panel(run(fused(starry, scale=0.5)), "scale 0.5")]
+        panels += [panel(default, "scale 1 (default)"), panel(run(fused(starry, scale=2.0)), "scale 2")]
+        row(panels, out / "control_scale.jpg")
 
-    # Optimiser and initialisation.
-    row(
-        [
-            panel(default, "L-BFGS, random init"),
-            panel(run(fused(starry), init="content"), "L-BFGS, content init"),
-            panel(run(fused(starry), optimizer="adam"), "Adam, random init"),
-            panel(run(fused(starry), tv_weight=20.0), "TV weight 20"),
-        ],
-        out / "control_optimiser.jpg",
-    )
+    if "optimiser" in rows:  # optimiser, initialisation and total variation
+        panels = [panel(default, "L-BFGS, random init")]
+        panels += [panel(run(fused(starry), init="content"), "L-BFGS, content init")]
+        panels += [panel(run(fused(starry), optimizer="adam"), "Adam, random init")]
+        panels += [panel(run(fused(starry), tv_weight=20.0), "TV weight 20")]
+        row(panels, out / "control_optimiser.jpg")
     print(f"done in {time.monotonic() - start:.0f} s")
 
 

@@ -81,6 +81,7 @@ def mrf_targets(
     size: int,
     stride: int,
     weights: Tensor | None = None,
+    patch_energy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Summarise the matched style patches as per-position maps, for ``mrf_loss``.
 
@@ -88,7 +89,8 @@ def mrf_targets(
     (coverage, mean target, residual): ``coverage`` (1, 1, H, W) is the total weight of the patches
     covering each position, ``mean target`` (1, C, H, W) their weighted mean matched value there,
     and ``residual`` the part of the loss no output can remove (matched patches that overlap
-    disagree). Built patch offset by patch offset, so no patch matrix is ever held.
+    disagree). Built patch offset by patch offset, so no patch matrix is ever held. ``patch_energy``, the
+    float64 squared norm of every style patch, may be given when the same style map is matched again.
     """
     height, width = shape
     rows, cols = patch_grid(height, width, size, stride)
@@ -110,7 +112,8 @@ def mrf_targets(
     weighted_sum = weighted_sum.permute(2, 0, 1).contiguous()[None]
     # sum_i w_i ||matched patch_i||^2 from the energy of every style patch, in float64: the residual is a
     # small difference of large sums.
-    patch_energy = patch_norms(style.double(), size, stride).square()
+    if patch_energy is None:
+        patch_energy = patch_norms(style.double(), size, stride).square()
     square_sum = (patch_energy[indices] * w.double()).sum()
     mean = weighted_sum / coverage.clamp_min(_EPS)
     residual = (square_sum - (coverage.double() * mean.double().square()).sum()).clamp_min(0)

@@ -84,8 +84,9 @@ class PatchLoss(nn.Module):
         self.register_buffer("style", style_features.detach())
         self.style_eligible = style_eligible
         self.target_weights = target_weights
-        energy = Fn.patch_norms(self.style, patch_size, stride).square()
-        self.patch_energy = float(energy[style_eligible].mean() if style_eligible is not None else energy.mean())
+        self.energy64 = Fn.patch_norms(self.style.double(), patch_size, stride).square()  # per style patch
+        energy = self.energy64 if style_eligible is None else self.energy64[style_eligible]
+        self.patch_energy = float(energy.mean())
         self.indices: Tensor | None = None  # last match, for inspection
         self._targets: tuple[Tensor, Tensor, Tensor] | None = None
         self._search = None
@@ -97,12 +98,18 @@ class PatchLoss(nn.Module):
             self._search = prepare_search(
                 self.matcher, self.style, self.patch_size, self.stride, style_eligible=self.style_eligible
             )
-        if isinstance(self._search, ProjectedSearch) and self.indices is not None:
-            self.indices = self._search(current, previous=self.indices)  # the last match stays a candidate
+        if isinstance(self._search, ProjectedSearch):
+            self.indices = self._search.rematch(current, self.indices)  # the last match stays a candidate
         else:
             self.indices = self._search(current)
         self._targets = Fn.mrf_targets(
-            self.style, self.indices, tuple(current.shape[-2:]), self.patch_size, self.stride, self.target_weights
+            self.style,
+            self.indices,
+            tuple(current.shape[-2:]),
+            self.patch_size,
+            self.stride,
+            self.target_weights,
+            self.energy64,
         )
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:

@@ -7,9 +7,15 @@ change the best j for a given i. Two searches, both bounded in memory whatever t
   ``max_scores`` similarities exist at any time. Ties go to the lowest style index. Always float32.
 - ``projected_nearest_patches`` ("fast", the default): a cheap candidate search in a 64-dimensional
   projection (PCA of the style patches), then the 8 best candidates re-ranked by their exact score.
-  At 512 px (relu3_1: ~10k query x ~10k style patches of 2304 values) the candidate scores cost
-  1/36 of the exact ones; the patch found scores within 0.02% of the best on average, and the
-  stylised result's loss is the exact method's (BENCHMARKS.md has the measurements).
+  At 512 px (relu3_1: ~16k query x ~16k style patches of 2304 values) the candidate scores cost
+  1/36 of the exact ones, and the patch found scores within 0.1% of the best on average
+  (BENCHMARKS.md has the measurements).
+
+Between two full fast searches (every ``FULL_SEARCH_EVERY``-th match), ``ProjectedSearch.rematch``
+only propagates: each output patch re-ranks, by the exact score, its previous match, its neighbours'
+matches shifted by one position (PatchMatch, Barnes et al. 2009), two random patches near its match
+and the candidates of the last full search. The output changes little between two L-BFGS iterations,
+so this keeps the matches of a full search at a cost linear in the number of patches.
 
 ``prepare_search`` binds a search to one style map, so per-style work (the projection) is done once
 per pyramid level rather than at every search.
@@ -30,6 +36,7 @@ DEFAULT_MAX_SCORES = 1 << 24  # 64 MB of float32 similarities per block
 FAST_DIMS = 64  # projection dimensions of the fast search (of C * size^2 = 2304 at relu3_1)
 FAST_CANDIDATES = 8  # style patches per query re-ranked exactly
 PCA_SAMPLES = 1024  # style patches the projection is fitted on
+FULL_SEARCH_EVERY = 3  # fast matcher: a full candidate search every n-th match, propagation between
 _NO_INDEX = torch.iinfo(torch.long).max
 
 
@@ -179,6 +186,11 @@ class ProjectedSearch:
             self.kernels = basis.T.reshape(-1, self.style.shape[1], size, size).contiguous()
             projected = self._project(self.style)[self.eligible]
             self.projected = projected * self.inverse_norm[self.eligible, None]  # (N_eligible, d)
+            self.is_eligible = eligible
+            self.grid = patch_grid(*self.style_shape, size, stride)
+            self.pool: Tensor | None = None  # (N_query, candidates): the last full search's candidates
+            self.generator = torch.Generator(device=self.style.device).manual_seed(0)  # random search
+            self.matches = 0
 
     def _project(self, features: Tensor) -> Tensor:
         return F.conv2d(features, self.kernels, stride=self.stride)[0].flatten(1).T  # (N, d)
@@ -198,6 +210,7 @@ class ProjectedSearch:
         s_band = min(n_style, max(self.candidates, self.max_scores // 256))
         q_band = max(1, self.max_scores // s_band)
         best_index = torch.empty(n_query, dtype=torch.long, device=query.device)
+        pool = []
         for q_start in range(0, n_query, q_band):
             q = projected[q_start : q_start + q_band]
             top_score = top_index = None
@@ -210,19 +223,81 @@ class ProjectedSearch:
                     keep = score.topk(self.candidates, dim=1, sorted=False).indices
                     score, index = score.gather(1, keep), index.gather(1, keep)
                 top_score, top_index = score, index
-            with _full_precision(query.device):
-                q_index = torch.arange(q_start, q_start + q.shape[0], device=query.device)
-                candidates = self.eligible[top_index]
-                if previous is not None:
-                    candidates = torch.cat([candidates, previous[q_start : q_start + q.shape[0], None]], 1)
-                exact = _patch_dots(
-                    query_rows, q_shape, q_index, self.style_rows, self.style_shape, candidates, self.size, self.stride
-                )
-                exact = exact * self.inverse_norm[candidates]
-                # The best candidate; of equal scores the lowest style index, as the exact search does.
-                tied = exact == exact.max(1, keepdim=True).values
-                best_index[q_start : q_start + q.shape[0]] = candidates.masked_fill(~tied, _NO_INDEX).amin(1)
+            candidates = self.eligible[top_index]
+            pool.append(candidates)
+            if previous is not None:
+                candidates = torch.cat([candidates, previous[q_start : q_start + q.shape[0], None]], 1)
+            best_index[q_start : q_start + q.shape[0]] = self._best_of(query_rows, q_shape, q_start, candidates)
+        self.pool = torch.cat(pool)
         return best_index
+
+    def _best_of(self, query_rows: Tensor, q_shape: tuple[int, int], q_start: int, candidates: Tensor) -> Tensor:
+        """Of each row of ``candidates`` (n, k), for the query patches q_start .. q_start + n - 1, the one with
+        the best exact score; of equal scores the lowest style index, as the exact search does."""
+        with _full_precision(query_rows.device):
+            q_index = torch.arange(q_start, q_start + candidates.shape[0], device=query_rows.device)
+            exact = _patch_dots(
+                query_rows, q_shape, q_index, self.style_rows, self.style_shape, candidates, self.size, self.stride
+            )
+            exact = exact * self.inverse_norm[candidates]
+            tied = exact == exact.max(1, keepdim=True).values
+            return candidates.masked_fill(~tied, _NO_INDEX).amin(1)
+
+    @torch.no_grad()
+    def rematch(self, query: Tensor, previous: Tensor | None) -> Tensor:
+        """The search to run between optimiser iterations: a full search (``__call__``) at the first and
+        every ``FULL_SEARCH_EVERY``-th call, ``propagate`` otherwise."""
+        full = previous is None or self.pool is None or self.matches % FULL_SEARCH_EVERY == 0
+        self.matches += 1
+        return self(query, previous) if full else self.propagate(query, previous)
+
+    @torch.no_grad()
+    def propagate(self, query: Tensor, previous: Tensor) -> Tensor:
+        """Best of a few candidates per query patch, by the exact score (one PatchMatch round):
+        ``previous``, the neighbours' matches shifted to this position, two random style patches within a
+        quarter and a sixteenth of the style map around the previous match, and the last full search's
+        candidates. Never worse than ``previous``; ineligible candidates are replaced by ``previous``."""
+        with _full_precision(query.device):
+            query = query.float()
+            q_shape = tuple(query.shape[-2:])
+            q_rows, q_cols = patch_grid(*q_shape, self.size, self.stride)
+            s_rows, s_cols = self.grid
+            if previous.shape != (q_rows * q_cols,):
+                raise ValueError(f"previous: expected {q_rows * q_cols} indices for this query, got {previous.shape}")
+            match = previous.view(q_rows, q_cols)
+            row, col = match // s_cols, match % s_cols
+            found = [previous]
+            # A neighbour at (dy, dx) matched (r, c): this patch's candidate is (r - dy, c - dx).
+            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                n_row = _shift(row, dy, dx) - dy
+                n_col = _shift(col, dy, dx) - dx
+                found.append((n_row.clamp(0, s_rows - 1) * s_cols + n_col.clamp(0, s_cols - 1)).flatten())
+            for fraction in (4, 16):
+                radius = max(1, max(s_rows, s_cols) // fraction)
+                jitter = torch.randint(
+                    -radius, radius + 1, (2, q_rows, q_cols), generator=self.generator, device=self.style.device
+                ).to(query.device)
+                r = (row + jitter[0]).clamp(0, s_rows - 1)
+                c = (col + jitter[1]).clamp(0, s_cols - 1)
+                found.append((r * s_cols + c).flatten())
+            candidates = torch.stack(found, 1)
+            candidates = torch.where(self.is_eligible[candidates], candidates, previous[:, None])
+            if self.pool is not None and self.pool.shape[0] == candidates.shape[0]:
+                candidates = torch.cat([candidates, self.pool], 1)
+            query_rows = _positions_last(query)
+            best = torch.empty_like(previous)
+            band = max(1, self.max_scores // (candidates.shape[1] * 64))
+            for q_start in range(0, candidates.shape[0], band):
+                chunk = candidates[q_start : q_start + band]
+                best[q_start : q_start + chunk.shape[0]] = self._best_of(query_rows, q_shape, q_start, chunk)
+            return best
+
+
+def _shift(grid: Tensor, dy: int, dx: int) -> Tensor:
+    """``grid`` read at (y + dy, x + dx) for every (y, x), the nearest edge value where that is outside."""
+    rows = (torch.arange(grid.shape[0], device=grid.device) + dy).clamp(0, grid.shape[0] - 1)
+    cols = (torch.arange(grid.shape[1], device=grid.device) + dx).clamp(0, grid.shape[1] - 1)
+    return grid[rows][:, cols]
 
 
 def _principal_directions(sample: Tensor, dims: int, generator: torch.Generator) -> Tensor:

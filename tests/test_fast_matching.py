@@ -92,6 +92,56 @@ def test_the_previous_match_stays_a_candidate():
     assert torch.equal(search(query, previous=exact), exact)
 
 
+def test_propagation_never_loses_the_previous_match_and_honours_eligibility():
+    query, style = vgg_features(seed=11), vgg_features(seed=12)
+    scores = true_scores(query, style)
+    eligible = torch.rand(scores.shape[1], generator=torch.Generator().manual_seed(0)) < 0.3
+    search = M.ProjectedSearch(style, dims=4, candidates=2, style_eligible=eligible)
+    previous = search(query)
+    for _ in range(3):
+        found = search.propagate(query, previous)
+        assert eligible[found].all()
+        gained = scores.gather(1, found[:, None]) - scores.gather(1, previous[:, None])
+        assert (gained >= -1e-6).all()
+        previous = found
+
+
+def test_propagation_spreads_a_coherent_match_from_correct_neighbours():
+    # The query is a crop of the style map: patch (r, c) is exactly style patch (r + 3, c + 5), the unique
+    # best by Cauchy-Schwarz. Half the patches start with a random (wrong) match and no full search is run.
+    style = torch.randn(1, 6, 20, 24, generator=torch.Generator().manual_seed(3))
+    query = style[..., 3:15, 5:19]
+    exact = M.nearest_patches(query, style)
+    rows, cols = torch.meshgrid(torch.arange(10), torch.arange(12), indexing="ij")
+    assert torch.equal(exact, ((rows + 3) * 22 + cols + 5).flatten())  # style grid: 18 x 22 patches
+    generator = torch.Generator().manual_seed(4)
+    wrong = torch.rand(exact.shape, generator=generator) < 0.5
+    previous = torch.where(wrong, torch.randint(0, 18 * 22, exact.shape, generator=generator), exact)
+    search = M.ProjectedSearch(style, dims=2, candidates=1)
+    for _ in range(12):
+        previous = search.propagate(query, previous)
+    assert torch.equal(previous, exact)
+
+
+def test_rematch_runs_a_full_search_every_n_th_call_and_propagates_between(monkeypatch):
+    query, style = vgg_features(seed=13), vgg_features(seed=14)
+    search = M.ProjectedSearch(style, dims=8, candidates=4)
+    calls = []
+    monkeypatch.setattr(M.ProjectedSearch, "propagate", lambda self, q, prev: calls.append("p") or prev)
+    full = M.ProjectedSearch.__call__
+
+    def counting_full(self, query, previous=None):
+        calls.append("f")
+        return full(self, query, previous)
+
+    monkeypatch.setattr(M.ProjectedSearch, "__call__", counting_full)
+    indices = None
+    for _ in range(2 * M.FULL_SEARCH_EVERY + 1):
+        indices = search.rematch(query, indices)
+    every = ["f"] + ["p"] * (M.FULL_SEARCH_EVERY - 1)
+    assert calls == every * 2 + ["f"]
+
+
 def test_the_fast_search_is_deterministic():
     query, style = vgg_features(seed=5), vgg_features(seed=6)
     a = M.projected_nearest_patches(query, style, dims=8, candidates=4)
