@@ -168,8 +168,10 @@ def side_by_side(naive: torch.Tensor, default: torch.Tensor) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 3), "naive: exact search, every evaluation", fill="black")
     settings = Settings()
-    every = "every evaluation" if settings.rematch_every == 1 else f"every {settings.rematch_every} iterations"
-    draw.text((left.width + 8, 3), f"default: {settings.matcher} search, {every}", fill="black")
+    how = "fast search + propagation" if settings.matcher == "fast" else f"{settings.matcher} search"
+    if settings.rematch_every > 1:
+        how += f", every {settings.rematch_every} iterations"
+    draw.text((left.width + 8, 3), f"default: {how}", fill="black")
     return canvas
 
 

@@ -26,12 +26,16 @@ ROWS = ["regions", "colour", "blend", "scale", "optimiser"]
 PANEL = 200
 
 
-def panel(image: torch.Tensor, label: str) -> Image.Image:
+def panel(image: torch.Tensor, label: str, outline: bool = False) -> Image.Image:
     h, w = fit_longest(image.shape[-2], image.shape[-1], PANEL)
     picture = to_pil(resize(image.clamp(0, 1), (h, w)))
     canvas = Image.new("RGB", (PANEL, PANEL + 18), "white")
-    canvas.paste(picture, ((PANEL - w) // 2, 18 + (PANEL - h) // 2))
-    ImageDraw.Draw(canvas).text((4, 3), label, fill="black")
+    left, top = (PANEL - w) // 2, 18 + (PANEL - h) // 2
+    canvas.paste(picture, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), label, fill="black")
+    if outline:  # a mask's white part would vanish into the background
+        draw.rectangle((left, top, left + w - 1, top + h - 1), outline="grey")
     return canvas
 
 
@@ -77,7 +81,8 @@ def main() -> None:
         right = ramp.expand(h, w).contiguous()
         regions = run(fused(starry, target_mask=1 - right) + fused(matisse, target_mask=right))
         panels = [panel(cat, "content"), panel(starry, "style left"), panel(matisse, "style right")]
-        panels += [panel(right.expand(1, 3, h, w), "mask (white: right)"), panel(regions, "two styles, two regions")]
+        panels.append(panel(right.expand(1, 3, h, w), "mask (white: right)", outline=True))
+        panels.append(panel(regions, "two styles, two regions"))
         row(panels, out / "control_regions.jpg")
 
     if "colour" in rows:  # keep the content's colours

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--style-scale",
         type=float,
         default=_GLOBAL.scale,
-        help="style image size relative to the output (>1: smaller strokes)",
+        help="style image size relative to the output (>1: larger brush strokes)",
     )
     p.add_argument(
         "--color",

@@ -21,7 +21,7 @@ class GlobalStyle:
     layers: tuple[str, ...] = GLOBAL_LAYERS
     target_mask: Tensor | None = None  # where on the output this style applies (1 = here)
     style_mask: Tensor | None = None  # which part of the style image it draws from
-    scale: float = 1.0  # style image size relative to the output: > 1 gives smaller brush strokes
+    scale: float = 1.0  # style image size relative to the output: > 1 gives larger brush strokes
 
 
 @dataclass

@@ -23,10 +23,36 @@ def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
     b, c, h, w = features.shape
     flat = features.reshape(b, c, h * w)
     if mask is None:
-        return flat @ flat.transpose(1, 2) / (h * w)
+        return _Gram.apply(flat, None, 1.0 / (h * w))
     weight = mask.expand(b, 1, h, w).reshape(b, 1, h * w).to(features.dtype)
-    weighted = flat * weight
-    return weighted @ weighted.transpose(1, 2) / weight.square().sum(-1, keepdim=True).clamp_min(_EPS)
+    if weight.requires_grad:  # a mask being optimised: let autograd differentiate through it too
+        weighted = flat * weight
+        return weighted @ weighted.transpose(1, 2) / weight.square().sum(-1, keepdim=True).clamp_min(_EPS)
+    # (F w)(F w)^T / sum(w^2) = F diag(w^2) F^T / sum(w^2)
+    square = weight.square()
+    return _Gram.apply(flat, square, 1.0 / square.sum(-1, keepdim=True).clamp_min(_EPS))
+
+
+class _Gram(torch.autograd.Function):
+    """G = (F * v) F^T * scale for F (B, C, N), optional per-position weights v (B, 1, N).
+
+    Autograd would differentiate the product of F and its transpose as two matrix products plus a
+    transposed copy of an (N, C) gradient; G's symmetry gives dF = (dG + dG^T)(F * v) * scale, one
+    product. On the first VGG layers (N = H * W) this saves about a tenth of an iteration.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, weight: Tensor | None, scale: float | Tensor) -> Tensor:
+        weighted = flat if weight is None else flat * weight
+        ctx.save_for_backward(flat, weight)
+        ctx.scale = scale
+        return weighted @ flat.transpose(1, 2) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        flat, weight = ctx.saved_tensors
+        weighted = flat if weight is None else flat * weight
+        return (grad + grad.transpose(1, 2)) * ctx.scale @ weighted, None, None
 
 
 def gram_loss(features: Tensor, target_gram: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -32,8 +32,8 @@ STYLE_SCALE = (
         "min": 0.05,
         "max": 8.0,
         "step": 0.05,
-        "tooltip": "Size of the style image relative to the output: above 1 gives finer brush strokes, below 1 "
-        "coarser ones.",
+        "tooltip": "Size of the style image relative to the output: above 1 gives larger brush strokes, below 1 "
+        "finer ones.",
     },
 )
 OPTIONAL = {

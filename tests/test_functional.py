@@ -25,6 +25,22 @@ def test_guided_gram_is_the_gram_of_the_region():
     torch.testing.assert_close(Fn.gram_matrix(features, mask), Fn.gram_matrix(region))
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_gram_gradient_matches_finite_differences_and_autograd(masked):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=generator).requires_grad_(True)
+    mask = torch.rand(4, 5, dtype=torch.float64, generator=generator) if masked else None
+    assert torch.autograd.gradcheck(lambda f: Fn.gram_matrix(f, mask), (features,))
+    # Against autograd through the plain products, with a loss whose dL/dG is not symmetric.
+    probe = torch.randn(2, 3, 3, dtype=torch.float64, generator=generator)
+    (grad,) = torch.autograd.grad((Fn.gram_matrix(features, mask) * probe).sum(), features)
+    weight = torch.ones(4, 5, dtype=torch.float64) if mask is None else mask
+    weighted = (features * weight).flatten(2)
+    plain = weighted @ weighted.transpose(1, 2) / weight.square().sum()
+    (expected,) = torch.autograd.grad((plain * probe).sum(), features)
+    torch.testing.assert_close(grad, expected)
+
+
 def test_patches_are_unfold_rows_in_grid_order():
     features = torch.randn(1, 3, 9, 7)
     full = Fn.patches(features, 3, 2)
