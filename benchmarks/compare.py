@@ -2,7 +2,8 @@
 
 For every content/style pair: content | style | global only | local only | fusion, at the same size, seed and
 iteration budget, with numbers under each picture (benchmarks/metrics.py: style SWD, lower = closer to the style;
-content distance, lower = closer to the content; SSIM of luminance, higher = closer to the content). For one pair,
+patch distance P, lower = more of the style's local detail; content distance, lower = closer to the content; SSIM of
+luminance, higher = closer to the content). For one pair,
 the a2 sweep 1e-1 ... 1e-6 with a1 = a3 = 20 (the paper's Figure 8), beside a2 = 0 (global only).
 
 Writes docs/compare_<pair>.jpg, docs/sweep_<pair>.jpg and docs/compare_results.json, and prints markdown tables.
@@ -10,7 +11,7 @@ Renders are cached (PNG + JSON per render, keyed by the settings and the fusion_
 resumes where it stopped.
 
     PYTHONPATH=. nice -n 19 python benchmarks/compare.py            # the run behind docs/RESULTS.md
-    PYTHONPATH=. python benchmarks/compare.py --size 64 --iterations 5 --out /tmp/cmp   # a smoke test
+    PYTHONPATH=. python benchmarks/compare.py --size 64 --levels 1 --iterations 5 --out /tmp/cmp   # a smoke test
 """
 
 from __future__ import annotations
@@ -100,8 +101,12 @@ class Renderer:
         key = "_".join(str(f) for f in [*fields, self.digest])
         png, record_path = self.cache / f"{key}.png", self.cache / f"{key}.json"
         if png.is_file() and record_path.is_file():
-            self.records[key] = json.loads(record_path.read_text())
-            return from_pil(Image.open(png)), self.records[key]
+            image, record = from_pil(Image.open(png)), json.loads(record_path.read_text())
+            if "patch_dist" not in record:  # rendered before that measure existed: measure again, keep the render
+                record.update(self.measure(image, content, style))
+                record_path.write_text(json.dumps(record, indent=1))
+            self.records[key] = record
+            return image, record
         settings = dataclasses.replace(self.settings, seed=seed)
         last: dict[str, float] = {}
         start = time.perf_counter()
@@ -160,7 +165,10 @@ def font(size: int) -> ImageFont.ImageFont:
 def caption(numbers: dict | None) -> str:
     if numbers is None:
         return ""
-    return f"SWD {numbers['style_swd']:.3f}  dC {numbers['content_dist']:.3f}  SSIM {numbers['ssim']:.3f}"
+    return (
+        f"SWD {numbers['style_swd']:.3f}  P {numbers['patch_dist']:.3f}  dC {numbers['content_dist']:.3f}  "
+        f"SSIM {numbers['ssim']:.3f}"
+    )
 
 
 def tile(image: torch.Tensor, box: tuple[int, int], title: str, line: str) -> Image.Image:
@@ -193,10 +201,15 @@ def strip(tiles: list[Image.Image], path: Path, quality: int) -> None:
 
 def row(label: str, r: dict) -> str:
     time_s = f"{r['seconds']:.0f}" if "seconds" in r else "-"
-    return f"| {label} | {r['style_swd']:.3f} | {r['content_dist']:.3f} | {r['ssim']:.3f} | {time_s} |"
+    cells = f"{r['style_swd']:.3f} | {r['patch_dist']:.3f} | {r['content_dist']:.3f} | {r['ssim']:.3f}"
+    return f"| {label} | {cells} | {time_s} |"
 
 
-HEADER = "| {} | style SWD (lower = closer to style) | content dist (lower = closer) | SSIM (higher = closer) | s |"
+HEADER = (
+    "| {} | style SWD (lower = closer to style) | patch dist (lower = more style detail) "
+    "| content dist (lower = closer) | SSIM (higher = closer) | s |"
+)
+RULE = "|---|---|---|---|---|---|"
 
 
 def main() -> None:
@@ -253,6 +266,9 @@ def main() -> None:
             "content_dist": f"||{metrics.CONTENT_LAYER}(out) - {metrics.CONTENT_LAYER}(content)|| / "
             f"||{metrics.CONTENT_LAYER}(content)||; lower = closer to the content",
             "ssim": "SSIM of BT.601 luminance against the content, Gaussian window 11, sigma 1.5; higher = closer",
+            "patch_dist": "1 - mean cosine of each output 3x3 patch with its most similar style patch (exhaustive), "
+            f"on "
+            f"{', '.join(metrics.PATCH_LAYERS)}, mean over layers; lower = more style-like local detail",
         },
         "pairs": {},
         "sweep": None,
@@ -280,7 +296,7 @@ def main() -> None:
             *(tile(img, box, f"{m} only" if m != "fusion" else "fusion", caption(r)) for m, (img, r) in runs.items()),
         ]
         strip(tiles, out / f"compare_{pair}.jpg", args.quality)
-        lines = [f"**{pair}**: {content_name} + {style_name}", "", HEADER.format("output"), "|---|---|---|---|---|"]
+        lines = [f"**{pair}**: {content_name} + {style_name}", "", HEADER.format("output"), RULE]
         lines.append(row("content image (reference)", reference))
         lines += [row(f"{m} only" if m != "fusion" else "fusion", r) for m, (_, r) in runs.items()]
         tables.append("\n".join(lines))
@@ -301,7 +317,7 @@ def main() -> None:
         tiles.append(tile(global_image, box, "a2 = 0 (global only)", caption(global_record)))
         strip(tiles, out / f"sweep_{pair}.jpg", args.quality)
         lines = [f"**a2 sweep** on {pair} ({content_name} + {style_name}), a1 = a3 = {A1:g}", ""]
-        lines += [HEADER.format("a2"), "|---|---|---|---|---|"]
+        lines += [HEADER.format("a2"), RULE]
         lines += [row(f"{a2:g}", r) for a2, _, r in sweep] + [row("0 (global only)", global_record)]
         tables.append("\n".join(lines))
 
@@ -311,18 +327,18 @@ def main() -> None:
             tiles = [tile(img, box, f"global only, a1 = {a1:g}", caption(r)) for a1, img, r in a1_runs]
             strip(tiles, out / f"sweep_{pair}_global_a1.jpg", args.quality)
             lines = [f"**global only, a1 sweep** on {pair}, a3 = {settings.content_weight:g}", ""]
-            lines += [HEADER.format("a1"), "|---|---|---|---|---|"] + [row(f"{a1:g}", r) for a1, _, r in a1_runs]
+            lines += [HEADER.format("a1"), RULE] + [row(f"{a1:g}", r) for a1, _, r in a1_runs]
             tables.append("\n".join(lines))
 
         if args.spread_seeds:
             spread = {m: [renderer.run(pair, m, seed=s)[1] for s in [args.seed, *args.spread_seeds]] for m in METHODS}
             results["spread"] = {"pair": pair, "seeds": [args.seed, *args.spread_seeds], "runs": spread}
             lines = [f"**seed spread** on {pair}: min - max over seeds {[args.seed, *args.spread_seeds]}", ""]
-            lines += [HEADER.format("output"), "|---|---|---|---|---|"]
+            lines += [HEADER.format("output"), RULE]
             for m, records in spread.items():
                 cells = [
                     f"{min(r[k] for r in records):.3f} - {max(r[k] for r in records):.3f}"
-                    for k in ("style_swd", "content_dist", "ssim")
+                    for k in ("style_swd", "patch_dist", "content_dist", "ssim")
                 ]
                 lines.append(f"| {m} | {' | '.join(cells)} | - |")
             tables.append("\n".join(lines))

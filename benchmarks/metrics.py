@@ -7,6 +7,11 @@
 - content distance: ||relu4_2(output) - relu4_2(content)|| / ||relu4_2(content)||. Lower = closer to the content.
 - SSIM of luminance against the content (Gaussian window 11, sigma 1.5, valid region only). Higher = closer;
   1 means identical.
+- patch distance: for every 3x3 patch of the output's features on relu2_1 and relu4_1, the cosine similarity of
+  the most similar 3x3 style patch (exhaustive search); 1 minus its mean, averaged over the two layers. Small when
+  every local piece of the output looks like some piece of the style (the style's local detail), whatever its
+  place or frequency. The MRF loss works on relu3_1 only, so this is not the quantity any loss optimises.
+  Lower = more style-like local detail.
 
 All plain torch; the network is any ``fusion_core.VGGFeatures``.
 """
@@ -17,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fusion_core.functional import patches
 from fusion_core.images import resize
+from fusion_core.matching import _gather_patches, _positions_last, nearest_patches
 from fusion_core.pyramid import fit_longest
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
 CONTENT_LAYER = "relu4_2"
+PATCH_LAYERS = ("relu2_1", "relu4_1")
 PROJECTIONS = 128
 SEED = 0
 
@@ -128,6 +136,24 @@ def content_distance(vgg, output: Tensor, content: Tensor, layer: str = CONTENT_
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def best_patch_cosine(output: Tensor, style: Tensor, size: int = 3) -> Tensor:
+    """For every size x size patch of the (1, C, H, W) map ``output``, the cosine similarity of the most similar
+    patch of ``style`` (stride 1, exhaustive, chunked search): shape (N_output,), float64."""
+    index = nearest_patches(output, style, size, 1)  # maximises <q, s> / |s|, hence the cosine for each q
+    chosen = _gather_patches(_positions_last(style.double()), tuple(style.shape[-2:]), index, size, 1)
+    query = patches(output.double(), size, 1)
+    return (query * chosen).sum(1) / (query.norm(dim=1) * chosen.norm(dim=1)).clamp_min(1e-12)
+
+
+def patch_distance(vgg, output: Tensor, style: Tensor, layers: tuple[str, ...] = PATCH_LAYERS) -> dict[str, float]:
+    """1 - mean best-patch cosine per layer, and their mean under "mean". ``style`` as for ``style_distance``."""
+    with torch.no_grad():
+        out_f, style_f = vgg(output, layers), vgg(style, layers)
+    distances = {layer: 1.0 - float(best_patch_cosine(out_f[layer], style_f[layer]).mean()) for layer in layers}
+    distances["mean"] = sum(distances[layer] for layer in layers) / len(layers)
+    return distances
+
+
 def evaluate(vgg, output: Tensor, content: Tensor, style: Tensor) -> dict[str, float | dict[str, float]]:
     """All measures of one output. ``content`` and ``style`` are resized here: the content to the output's
     shape, the style to the output's longest side (the scale ``stylize`` uses at its last level)."""
@@ -135,9 +161,12 @@ def evaluate(vgg, output: Tensor, content: Tensor, style: Tensor) -> dict[str, f
     content = resize(content.to(output.device), shape)
     style = resize(style.to(output.device), fit_longest(style.shape[-2], style.shape[-1], max(shape)))
     swd = style_distance(vgg, output, style)
+    patch = patch_distance(vgg, output, style)
     return {
         "style_swd": swd["mean"],
         "style_swd_layers": {k: v for k, v in swd.items() if k != "mean"},
+        "patch_dist": patch["mean"],
+        "patch_dist_layers": {k: v for k, v in patch.items() if k != "mean"},
         "content_dist": content_distance(vgg, output, content),
         "ssim": ssim(luminance(output), luminance(content)),
     }
@@ -145,12 +174,15 @@ def evaluate(vgg, output: Tensor, content: Tensor, style: Tensor) -> dict[str, f
 
 __all__ = [
     "CONTENT_LAYER",
+    "PATCH_LAYERS",
     "STYLE_LAYERS",
+    "best_patch_cosine",
     "content_distance",
     "evaluate",
     "feature_points",
     "gaussian_window",
     "luminance",
+    "patch_distance",
     "projections",
     "sliced_wasserstein",
     "ssim",

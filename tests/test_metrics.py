@@ -157,3 +157,22 @@ def test_evaluate_on_a_tiny_network():
     assert metrics.evaluate(vgg, styled, content, style)["style_swd"] < 1e-6
     other = metrics.evaluate(vgg, smooth_image(32, 48, 5), content, style)
     assert other["content_dist"] > 0 and other["ssim"] < 1
+
+
+def test_best_patch_cosine_matches_a_brute_force_search():
+    generator = torch.Generator().manual_seed(7)
+    output = torch.randn(1, 4, 7, 9, generator=generator)
+    style = torch.randn(1, 4, 8, 6, generator=generator).relu()
+    q = torch.nn.functional.unfold(output.double(), 3)[0].T
+    s = torch.nn.functional.unfold(style.double(), 3)[0].T
+    cosines = (q / q.norm(dim=1, keepdim=True)) @ (s / s.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(metrics.best_patch_cosine(output, style), cosines.max(1).values)
+
+
+def test_patch_distance_is_zero_for_the_style_itself_and_positive_otherwise():
+    vgg = tiny_vgg("vgg16")
+    style = smooth_image(40, 40, 4)
+    itself = metrics.patch_distance(vgg, style, style)
+    assert set(itself) == {*metrics.PATCH_LAYERS, "mean"} and itself["mean"] == pytest.approx(0.0, abs=1e-9)
+    other = metrics.patch_distance(vgg, smooth_image(40, 40, 9), style)
+    assert 0 < other["mean"] <= 2
