@@ -10,7 +10,8 @@ the search is a smaller share of an iteration.
             loss evaluation (matcher="exact", rematch_every=1);
 - fusion_s: one iteration of the default fusion path (Settings() defaults), averaged over whole re-matching
             periods so the searches are amortised as they are in a real run;
-- peak_mb:  peak resident memory of a process running default fusion iterations at 1024 px content and style;
+- peak_mb:  peak resident memory of a process running default fusion iterations at 1024 px content and style,
+            until the L-BFGS history is full;
 - loss_gap: both paths run from the same seed for the same iterations at --gap-size (256 px, 3 levels); each
             final image is scored by the same criterion with exact matching; (default - naive) / naive.
 
@@ -209,9 +210,10 @@ def peak_mb(args: argparse.Namespace) -> float:
 def peak_child(args: argparse.Namespace) -> None:
     vgg = load_vgg(args.weights)
     content, style = inputs(args)
-    # One level at 1024 px; the style is resized so its longest side is 1024 px too. Two iterations: the
-    # first searches and fits the projection, the second reuses the match.
-    settings = Settings(size=1024, levels=1, iterations=2)
+    # One level at 1024 px; the style is resized so its longest side is 1024 px too. history_size + 1
+    # iterations, so the L-BFGS history (2 image-sized vectors per iteration) is full, as in a real run.
+    default = Settings()
+    settings = Settings(size=1024, levels=1, iterations=default.history_size + 1)
     stylize(vgg, content, [GlobalStyle(style), LocalStyle(style)], settings)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     print(json.dumps({"peak_mb": round(peak_kb / 1024, 1)}))
