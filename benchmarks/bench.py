@@ -47,13 +47,12 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize  # noqa: E402
-from fusion_core.functional import patches  # noqa: E402
+from fusion_core.functional import patches, positions_last  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
 from fusion_core.matching import (  # noqa: E402
     FULL_SEARCH_EVERY,
     ProjectedSearch,
     _gather_patches,
-    _positions_last,
     nearest_patches,
 )
 from fusion_core.pyramid import fit_longest, level_shapes  # noqa: E402
@@ -128,7 +127,7 @@ def search_comparison(vgg, content, style, size: int, repeats: int) -> dict[str,
                 fast = found
     scores = {}
     for name, index in (("exact", exact), ("fast", fast)):
-        style_patches = _gather_patches(_positions_last(target), tuple(target.shape[-2:]), index, 3, 1)
+        style_patches = _gather_patches(positions_last(target), tuple(target.shape[-2:]), index, 3, 1)
         scores[name] = (patches(query, 3, 1) * style_patches).sum(1) / style_patches.norm(dim=1).clamp_min(1e-8)
     ratio = scores["fast"] / scores["exact"]
     return {

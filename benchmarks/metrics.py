@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusion_core.functional import patches
+from fusion_core.functional import patches, positions_last
 from fusion_core.images import resize
-from fusion_core.matching import _gather_patches, _positions_last, nearest_patches
+from fusion_core.matching import _gather_patches, nearest_patches
 from fusion_core.pyramid import fit_longest
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
@@ -140,7 +140,7 @@ def best_patch_cosine(output: Tensor, style: Tensor, size: int = 3) -> Tensor:
     """For every size x size patch of the (1, C, H, W) map ``output``, the cosine similarity of the most similar
     patch of ``style`` (stride 1, exhaustive, chunked search): shape (N_output,), float64."""
     index = nearest_patches(output, style, size, 1)  # maximises <q, s> / |s|, hence the cosine for each q
-    chosen = _gather_patches(_positions_last(style.double()), tuple(style.shape[-2:]), index, size, 1)
+    chosen = _gather_patches(positions_last(style.double()), tuple(style.shape[-2:]), index, size, 1)
     query = patches(output.double(), size, 1)
     return (query * chosen).sum(1) / (query.norm(dim=1) * chosen.norm(dim=1)).clamp_min(1e-12)
 

@@ -85,6 +85,18 @@ def patches(features: Tensor, size: int, stride: int, rows: slice = slice(None))
     return F.unfold(band, size, stride=stride)[0].T
 
 
+def positions_last(features: Tensor) -> Tensor:
+    """(1, C, H, W) -> (H * W, C): one row per position, so gathering a position reads C contiguous values."""
+    return features[0].flatten(1).T.contiguous()
+
+
+def patch_starts(index: Tensor, shape: tuple[int, int], size: int, stride: int) -> Tensor:
+    """Flat position (y * W + x) of the top-left corner of patch number ``index`` on a map of ``shape``;
+    the patch's offset (dy, dx) is then at ``start + dy * W + dx``."""
+    _, cols = patch_grid(*shape, size, stride)
+    return (index // cols) * stride * shape[1] + (index % cols) * stride
+
+
 def patch_norms(features: Tensor, size: int, stride: int) -> Tensor:
     """L2 norm of every patch, (N,), without unfolding them all."""
     energy = features.square().sum(1, keepdim=True)
@@ -120,16 +132,15 @@ def mrf_targets(
     """
     height, width = shape
     rows, cols = patch_grid(height, width, size, stride)
-    _, s_cols = patch_grid(style.shape[-2], style.shape[-1], size, stride)
     channels = style.shape[1]
-    style_rows = style[0].flatten(1).T.contiguous()  # (H * W, C): gathering a position reads C contiguous values
-    s_row, s_col = (indices // s_cols) * stride, (indices % s_cols) * stride
+    style_rows = positions_last(style)
+    starts = patch_starts(indices, tuple(style.shape[-2:]), size, stride)
     w = torch.ones(rows * cols, dtype=style.dtype, device=style.device) if weights is None else weights.to(style.dtype)
     coverage = style.new_zeros(1, 1, height, width)
     weighted_sum = style.new_zeros(height, width, channels)  # positions last too, transposed once at the end
     for dy in range(size):
         for dx in range(size):
-            source = style_rows.index_select(0, (s_row + dy) * style.shape[-1] + s_col + dx)  # (N, C)
+            source = style_rows.index_select(0, starts + dy * style.shape[-1] + dx)  # (N, C)
             if weights is not None:
                 source = source * w[:, None]
             here = (slice(dy, dy + (rows - 1) * stride + 1, stride), slice(dx, dx + (cols - 1) * stride + 1, stride))

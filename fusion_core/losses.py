@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .matching import ProjectedSearch, prepare_search
+from .matching import prepare_search
 
 LOCAL_SCALE = 1e6
 CONTENT_SCALE = 3.0
@@ -98,10 +98,7 @@ class PatchLoss(nn.Module):
             self._search = prepare_search(
                 self.matcher, self.style, self.patch_size, self.stride, style_eligible=self.style_eligible
             )
-        if isinstance(self._search, ProjectedSearch):
-            self.indices = self._search.rematch(current, self.indices)  # the last match stays a candidate
-        else:
-            self.indices = self._search(current)
+        self.indices = self._search(current, self.indices)  # the fast search keeps the last match a candidate
         self._targets = Fn.mrf_targets(
             self.style,
             self.indices,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import patch_grid, patch_norms, patches
+from .functional import patch_grid, patch_norms, patch_starts, patches, positions_last
 
 DEFAULT_MAX_SCORES = 1 << 24  # 64 MB of float32 similarities per block
 FAST_DIMS = 64  # projection dimensions of the fast search (of C * size^2 = 2304 at relu3_1)
@@ -93,17 +93,11 @@ def nearest_patches(
 
 
 def _gather_patches(rows: Tensor, shape: tuple[int, int], index: Tensor, size: int, stride: int) -> Tensor:
-    """Patches number ``index`` of a ``_positions_last`` map of spatial ``shape``, as rows (len(index),
+    """Patches number ``index`` of a ``positions_last`` map of spatial ``shape``, as rows (len(index),
     C * size^2) in ``F.unfold`` order."""
-    _, cols = patch_grid(*shape, size, stride)
-    start = (index // cols) * stride * shape[1] + (index % cols) * stride
+    start = patch_starts(index, shape, size, stride)
     parts = [rows.index_select(0, start + dy * shape[1] + dx) for dy in range(size) for dx in range(size)]
     return torch.stack(parts, 2).flatten(1)  # (N, C, size^2) -> (N, C * size^2)
-
-
-def _positions_last(features: Tensor) -> Tensor:
-    """(1, C, H, W) -> (H * W, C): one row per position, so gathering a position reads C contiguous values."""
-    return features[0].flatten(1).T.contiguous()
 
 
 def _patch_dots(
@@ -118,15 +112,13 @@ def _patch_dots(
 ) -> Tensor:
     """<query patch q_index[i], style patch s_index[i, j]> for (n,) and (n, k) indices: (n, k).
 
-    ``query`` and ``style`` are maps in ``_positions_last`` layout of spatial ``q_shape`` and ``s_shape``.
+    ``query`` and ``style`` are maps in ``positions_last`` layout of spatial ``q_shape`` and ``s_shape``.
     A patch product is the sum over the size^2 offsets of a product of two positions; for each offset
     the (n, k) products are a sampled matrix product (SDDMM: only the entries of the CSR pattern
     are computed), so no (n, k, C) block of gathered style values is ever written.
     """
-    _, q_cols = patch_grid(*q_shape, size, stride)
-    _, s_cols = patch_grid(*s_shape, size, stride)
-    q_start = (q_index // q_cols) * stride * q_shape[1] + (q_index % q_cols) * stride
-    s_start = (s_index // s_cols) * stride * s_shape[1] + (s_index % s_cols) * stride
+    q_start = patch_starts(q_index, q_shape, size, stride)
+    s_start = patch_starts(s_index, s_shape, size, stride)
     n, k = s_index.shape
     # Rows of the pattern are the query map's positions first .. last (a slice of ``query``, not a copy);
     # positions that start no patch of this chunk have empty rows. q_start increases with the index.
@@ -179,7 +171,7 @@ class ProjectedSearch:
             self.inverse_norm = 1.0 / norms.clamp_min(1e-8)
             generator = torch.Generator().manual_seed(0)
             pick = torch.randperm(len(self.eligible), generator=generator)[:samples].to(self.eligible.device)
-            self.style_rows, self.style_shape = _positions_last(self.style), tuple(self.style.shape[-2:])
+            self.style_rows, self.style_shape = positions_last(self.style), tuple(self.style.shape[-2:])
             sample = _gather_patches(self.style_rows, self.style_shape, self.eligible[pick], size, stride)  # (n, D)
             basis = _principal_directions(sample, dims, generator)  # (D, d)
             # A projection of every patch of a map is a convolution with the directions as kernels.
@@ -205,7 +197,7 @@ class ProjectedSearch:
             # Each query row scaled to unit length: the order within a row is unchanged and the
             # scores stay in [-1, 1], safe for float16 under autocast.
             projected = projected / projected.norm(dim=1, keepdim=True).clamp_min(1e-8)
-            query_rows, q_shape = _positions_last(query), tuple(query.shape[-2:])
+            query_rows, q_shape = positions_last(query), tuple(query.shape[-2:])
         n_query, n_style = projected.shape[0], self.projected.shape[0]
         s_band = min(n_style, max(self.candidates, self.max_scores // 256))
         q_band = max(1, self.max_scores // s_band)
@@ -284,8 +276,9 @@ class ProjectedSearch:
             candidates = torch.where(self.is_eligible[candidates], candidates, previous[:, None])
             if self.pool is not None and self.pool.shape[0] == candidates.shape[0]:
                 candidates = torch.cat([candidates, self.pool], 1)
-            query_rows = _positions_last(query)
+            query_rows = positions_last(query)
             best = torch.empty_like(previous)
+            # _patch_dots holds a CSR pattern (indices and values) per chunk: keep it far below a score block.
             band = max(1, self.max_scores // (candidates.shape[1] * 64))
             for q_start in range(0, candidates.shape[0], band):
                 chunk = candidates[q_start : q_start + band]
@@ -350,18 +343,20 @@ MATCHERS: dict[str, Callable[..., Tensor]] = {"exact": nearest_patches, "fast": 
 
 def prepare_search(
     name: str, style: Tensor, size: int = 3, stride: int = 1, *, style_eligible: Tensor | None = None
-) -> Callable[[Tensor], Tensor]:
-    """The search ``name`` bound to one style map: ``search(query) -> indices``.
+) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """The search ``name`` bound to one style map: ``search(query, previous) -> indices``, where
+    ``previous`` is the last match for the same grid (None at the first search).
 
-    For "fast" the projection is fitted here, once; other matchers are called as they are.
+    For "fast" the projection is fitted here, once, and ``previous`` drives ``ProjectedSearch.rematch``
+    (full search or propagation); other matchers search from scratch and ignore it.
     """
     if MATCHERS[name] is projected_nearest_patches:
         return ProjectedSearch(
             style, size, stride, style_eligible=style_eligible, dims=FAST_DIMS, candidates=FAST_CANDIDATES
-        )
+        ).rematch
     matcher = MATCHERS[name]
 
-    def search(query: Tensor) -> Tensor:
+    def search(query: Tensor, previous: Tensor | None) -> Tensor:
         return matcher(query, style, size, stride, style_eligible=style_eligible)
 
     return search
