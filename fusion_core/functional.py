@@ -153,7 +153,10 @@ def mrf_targets(
         patch_energy = patch_norms(style.double(), size, stride).square()
     square_sum = (patch_energy[indices] * w.double()).sum()
     mean = weighted_sum / coverage.clamp_min(_EPS)
-    residual = (square_sum - (coverage.double() * mean.double().square()).sum()).clamp_min(0)
+    coverage64 = coverage.double()
+    # float64 a few channels at a time: a whole float64 copy of the map would be the largest object here
+    covered = sum((coverage64 * part.double().square()).sum() for part in mean.split(16, dim=1))
+    residual = (square_sum - covered).clamp_min(0)
     return coverage, mean, residual.to(style.dtype)
 
 

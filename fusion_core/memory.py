@@ -1,9 +1,10 @@
 """Estimate the memory a run needs before starting it, and refuse runs that cannot fit.
 
-The estimate counts what the largest pyramid level holds at once: the activations autograd keeps
-for the VGG pass (one tensor per conv, ReLUs being in place, plus max-pool indices), the gradient
-buffers of the backward pass, the style activations kept as targets, the nearest-patch search's
-score block, and the optimiser state. It is deliberately a little generous.
+The estimate counts what the largest pyramid level holds at once: what the VGG pass keeps for its
+backward pass (the activations the losses use, whole; one byte per other activation, see
+``vgg._FrozenConvReLU``), a few gradients of the largest activation in the backward pass, the style
+activations kept as targets, the nearest-patch search's score block, and the optimiser state. It is
+deliberately a little generous (at 1024 px it is ~1.2x the tensor memory measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,21 +23,28 @@ from .vgg import VGGFeatures
 _FLOAT = 4
 
 
-def _activation_elements(vgg: VGGFeatures, shape: tuple[int, int], deepest: str) -> tuple[int, int]:
-    """(elements autograd keeps, largest single activation) for one pass up to ``deepest``."""
+def _activation_elements(vgg: VGGFeatures, shape: tuple[int, int], layers: set[str]) -> tuple[int, int, int]:
+    """(float32 elements the backward pass keeps, elements of the returned layers, largest activation)
+    for one pass to the deepest of ``layers``."""
+    names = vgg.names[: max(vgg.names.index(n) for n in layers) + 1]
     h, w = shape
-    kept = largest = 3 * h * w
+    kept = returned = 0
+    largest = 3 * h * w
     conv = 0
-    for name in vgg.names[: vgg.names.index(deepest) + 1]:
+    for i, name in enumerate(names):
         if name.startswith("conv"):
             channels = vgg.convs[conv].out_channels
             conv += 1
-            kept += channels * h * w
-            largest = max(largest, channels * h * w)
+            size = channels * h * w
+            largest = max(largest, size)
+            pooled = i + 2 < len(names) and names[i + 2].startswith("pool")
+            whole = "relu" + name[4:] in layers or name in layers or pooled
+            kept += size if whole else size // 4  # a ReLU's sign: one byte
         elif name.startswith("pool"):
             h, w = h // 2, w // 2
-            kept += channels * h * w * (3 if vgg.pooling == "max" else 1)  # output + int64 indices
-    return kept, largest
+        if name in layers:
+            returned += channels * h * w
+    return kept, returned, largest
 
 
 def estimate_bytes(vgg: VGGFeatures, shape: tuple[int, int], styles: Sequence[StyleTerm], settings: Settings) -> int:
@@ -44,16 +52,19 @@ def estimate_bytes(vgg: VGGFeatures, shape: tuple[int, int], styles: Sequence[St
     layers = {settings.content_layer}
     for style in styles:
         layers.update(style.layers if isinstance(style, GlobalStyle) else (style.layer,))
-    deepest = max(layers, key=vgg.names.index)
-    kept, largest = _activation_elements(vgg, shape, deepest)
-    total = kept + 3 * largest  # the backward pass holds a few gradients of the largest size at once
-    for style in styles:
-        style_shape = fit_longest(style.image.shape[-2], style.image.shape[-1], round(max(shape) * style.scale))
-        style_kept, style_largest = _activation_elements(vgg, style_shape, deepest)
-        total += style_largest + style_kept // 4  # the pass itself, and the targets kept from it
+    kept, returned, largest = _activation_elements(vgg, shape, layers)
     pixels = 3 * shape[0] * shape[1]
-    history = 2 * settings.history_size + 4 if settings.optimizer == "lbfgs" else 4
-    total += history * pixels + DEFAULT_MAX_SCORES
+    # L-BFGS: history_size + 1 pairs of (y, s), direction, previous gradient, q; plus image and gradient
+    history = 2 * (settings.history_size + 1) + 5 if settings.optimizer == "lbfgs" else 4
+    # Optimising: the pass's kept activations, a few gradients of the largest size in the backward pass.
+    optimising = kept + 3 * largest + history * pixels + DEFAULT_MAX_SCORES
+    # Before that, each style image's pass (the two largest activations at once) and the layers cached from it.
+    setting_up, targets = 0, returned // 2  # the content target and the patch loss's maps
+    for style in {id(style.image): style for style in styles}.values():
+        style_shape = fit_longest(style.image.shape[-2], style.image.shape[-1], round(max(shape) * style.scale))
+        _, style_returned, style_largest = _activation_elements(vgg, style_shape, layers)
+        setting_up = max(setting_up, 2 * style_largest + style_returned)
+    total = max(optimising, setting_up) + targets
     return total * _FLOAT
 
 

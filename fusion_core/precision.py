@@ -32,6 +32,11 @@ def autocast(enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16) if enabled else contextlib.nullcontext()
 
 
+def full_precision(enabled: bool):
+    """Inside an ``autocast(enabled)`` region: a region it does not reach (float32 again)."""
+    return torch.autocast("cuda", enabled=False) if enabled else contextlib.nullcontext()
+
+
 class _ScaleGradient(torch.autograd.Function):
     """Identity forward; multiplies the gradient by ``factor`` on the way back."""
 

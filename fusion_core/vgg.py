@@ -7,7 +7,7 @@ narrow VGG with random weights. Only layers up to the deepest one asked for are 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ POOLINGS = ("max", "avg")
 _TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 _TORCHVISION_STD = (0.229, 0.224, 0.225)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+BACKWARD_BAND = 1 << 23  # activation values per band of a conv's backward pass (32 MB in float32)
 
 
 def torchvision_conv_indices(arch: str) -> list[int]:
@@ -109,28 +110,98 @@ class VGGFeatures(nn.Module):
             image = image.flip(1) * 255.0  # RGB 0..1 -> BGR 0..255
         return (image - self._mean) / self._std
 
-    def forward(self, image: Tensor, layers: Iterable[str]) -> dict[str, Tensor]:
+    def forward(
+        self, image: Tensor, layers: Iterable[str], on_layer: Callable[[str, Tensor], None] | None = None
+    ) -> dict[str, Tensor]:
+        """Activations of ``layers``; ``on_layer(name, activation)`` is called as each one is computed."""
         wanted = set(layers)
         self.check_layers(wanted)
-        deepest = max(self.names.index(n) for n in wanted)
+        names = self.names[: max(self.names.index(n) for n in wanted) + 1]
         x = self.normalize(image)
+        # While autograd records the pass, let the frozen layers keep only what their backward needs.
+        compact = torch.is_grad_enabled() and x.requires_grad and not any(p.requires_grad for p in self.parameters())
         out: dict[str, Tensor] = {}
         conv_i = 0
-        for name in self.names[: deepest + 1]:
+        fused = False  # the ReLU was applied with its conv
+        for i, name in enumerate(names):
             if name.startswith("conv"):
-                x = self.convs[conv_i](x)
+                conv = self.convs[conv_i]
                 conv_i += 1
+                fused = compact and name not in wanted
+                if fused:
+                    relu = "relu" + name[4:]
+                    # A ReLU output that stays alive anyway (returned, or saved by the max pool after it) is
+                    # kept whole by its conv rather than as a second, boolean copy.
+                    pooled = i + 2 < len(names) and names[i + 2].startswith("pool") and self.pooling == "max"
+                    x = _FrozenConvReLU.apply(x, conv.weight, conv.bias, relu in wanted or pooled)
+                else:
+                    x = conv(x)
             elif name.startswith("relu"):
-                # In place only when the conv output it overwrites is not one we return.
-                conv_name = "conv" + name[4:]
-                x = F.relu(x, inplace=conv_name not in wanted)
+                if not fused:
+                    # In place only when the conv output it overwrites is not one we return.
+                    x = F.relu(x, inplace="conv" + name[4:] not in wanted)
             elif self.pooling == "max":
-                x = F.max_pool2d(x, 2)
+                x = _MaxPool.apply(x) if compact else F.max_pool2d(x, 2)
             else:
                 x = F.avg_pool2d(x, 2)
             if name in wanted:
                 out[name] = x
+                if on_layer is not None:
+                    on_layer(name, x)
         return out
+
+
+class _FrozenConvReLU(torch.autograd.Function):
+    """ReLU(conv(x)) with frozen weights, keeping for the backward pass one byte per activation.
+
+    Autograd keeps every conv's float input (the ReLU output before it) to compute the weight's gradient;
+    with the weights frozen, the input's gradient needs only the weight and where the ReLU's output was
+    positive. At 1024 px that is ~0.3 GB kept instead of ~1 GB; the arithmetic is the same.
+    ``keep_output``: save the output itself as that sign, for an output that stays alive anyway.
+
+    The backward pass runs in bands of rows: a convolution library's working copies of a whole
+    full-resolution gradient (64 channels at 1024 px: ~0.5 GB on a CPU) would set the run's peak memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, keep_output: bool) -> Tensor:
+        y = F.relu(F.conv2d(x, weight, bias, padding=1), inplace=True)
+        ctx.save_for_backward(y if keep_output else y > 0, weight)
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        sign, weight = ctx.saved_tensors
+        weight = weight.to(grad.dtype)  # under autocast the pass ran in float16
+        height = grad.shape[-2]
+        rows = max(1, BACKWARD_BAND // max(1, grad[0, :, 0].numel()))
+        if rows >= height:
+            return torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad * (sign > 0), padding=1), None, None, None
+        grad_input = grad.new_empty(ctx.input_shape, dtype=ctx.input_dtype)
+        for top in range(0, height, rows):
+            bottom = min(top + rows, height)
+            first, last = max(top - 1, 0), min(bottom + 1, height)  # the gradient rows reaching rows top..bottom-1
+            band = grad[..., first:last, :] * (sign[..., first:last, :] > 0)
+            spread = F.conv_transpose2d(band, weight, padding=(0, 1))  # input rows first - 1 .. last
+            grad_input[..., top:bottom, :] = spread[..., top - first + 1 : bottom - first + 1, :]
+        return grad_input, None, None, None
+
+
+class _MaxPool(torch.autograd.Function):
+    """2x2 max pooling that saves its input (kept alive anyway, see ``_FrozenConvReLU``) rather than an
+    int64 index per output (twice the output's size), and finds the maxima again in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return F.max_pool2d(x, 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        _, index = F.max_pool2d(x, 2, return_indices=True)
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, index)
 
 
 def vgg_from_state_dict(

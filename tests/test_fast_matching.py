@@ -1,5 +1,7 @@
 """The fast (projected) patch search, the re-matching schedule and the CUDA mixed-precision path."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,6 +218,18 @@ def test_gradient_scaling_is_exact_and_neutral():
     assert torch.equal(grads[0], grads[1])
 
 
+def record_activation_dtypes(vgg, dtypes):
+    """Make ``vgg`` append the dtype of every activation it returns to ``dtypes``."""
+    forward = vgg.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        dtypes.extend(value.dtype for value in out.values())
+        return out
+
+    vgg.forward = recording
+
+
 def _criterion(device, mixed_precision):
     content, style = smooth_image(24, 32, seed=1).to(device), smooth_image(32, 32, seed=2).to(device)
     vgg = tiny_vgg().to(device)
@@ -236,18 +250,41 @@ def test_criterion_on_cpu_is_float32_whatever_the_setting():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_mixed_precision_path_runs_on_a_cpu_in_bfloat16(monkeypatch):
+    # The CUDA float16 path where it can run here: CPU autocast (bfloat16) in place of CUDA's float16.
+    stylize_module = importlib.import_module("fusion_core.stylize")
+    monkeypatch.setattr(stylize_module, "autocast", lambda on: torch.autocast("cpu", torch.bfloat16, enabled=on))
+    monkeypatch.setattr(stylize_module, "full_precision", lambda on: torch.autocast("cpu", enabled=False))
+    image = smooth_image(24, 32, seed=3)
+    criterion = _criterion("cpu", True)
+    criterion.mixed_precision = True
+    dtypes = []
+    record_activation_dtypes(criterion.vgg, dtypes)
+    x = image.clone().requires_grad_(True)
+    values = criterion(x, rematch=True)
+    values["total"].backward()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert all(v.dtype == torch.float32 for v in values.values())
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    reference = _criterion("cpu", False)
+    y = image.clone().requires_grad_(True)
+    expected = reference(y, rematch=True)
+    expected["total"].backward()
+    torch.testing.assert_close(values["total"], expected["total"], rtol=5e-2, atol=0)
+    assert F.cosine_similarity(x.grad.flatten(), y.grad.flatten(), dim=0) > 0.98
+
+
 @cuda
 def test_cuda_mixed_precision_runs_vgg_in_float16_and_losses_in_float32():
     image = smooth_image(24, 32, seed=3).cuda()
     dtypes = []
     criterion = _criterion("cuda", True)
     assert criterion.mixed_precision is True
-    hook = criterion.vgg.convs[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     x = image.clone().requires_grad_(True)
+    record_activation_dtypes(criterion.vgg, dtypes)
     values = criterion(x, rematch=True)
     values["total"].backward()
-    hook.remove()
-    assert dtypes == [torch.float16]
+    assert dtypes and set(dtypes) == {torch.float16}
     assert all(v.dtype == torch.float32 for v in values.values())
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
     reference = _criterion("cuda", False)

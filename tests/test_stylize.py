@@ -5,6 +5,8 @@ import torch
 from helpers import IMAGES, TRAINED_VGG16, smooth_image, tiny_vgg
 
 from fusion_core import Cancelled, FusionError, GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize
+from fusion_core import functional as Fn
+from fusion_core import vgg as vgg_module
 from fusion_core.images import resize
 from fusion_core.stylize import build_criterion
 
@@ -108,6 +110,46 @@ def test_weighted_terms_are_the_unweighted_modules_times_the_weights(vgg, images
     a, b = one(x, rematch=True), many(x, rematch=True)
     for kind, factor in (("global", 5), ("local", 7), ("content", 3)):
         torch.testing.assert_close(b[kind], factor * a[kind])
+
+
+def test_terms_equal_the_modules_on_the_whole_pass(vgg, images):
+    # The criterion evaluates each term while the VGG pass runs; the sum is that of the plain formula.
+    content, style = images
+    shape = (34, 48)
+    criterion = build_criterion(vgg, content, fused(style), Settings(size=48), shape)
+    x = resize(content, shape)
+    values = criterion(x, rematch=True)
+    features = vgg(x, criterion.layers)
+    for kind in ("global", "local", "content"):
+        expected = sum(w * module(features) for k, w, module in criterion.terms if k == kind)
+        torch.testing.assert_close(values[kind], expected)
+    globals_ = [module for kind, _, module in criterion.terms if kind == "global"]
+    assert sorted(layer for module in globals_ for layer in module.layers) == sorted(GlobalStyle(style).layers)
+
+
+def test_a_shallow_term_gets_its_gradient_after_the_deeper_layers(vgg, images, monkeypatch):
+    # So the backward pass does not hold a full-resolution loss gradient while it works through the
+    # deeper layers: the Gram of relu1_2 is differentiated after every conv below block 1.
+    content, style = images
+    criterion = build_criterion(vgg, content, [GlobalStyle(style)], Settings(size=48, content_weight=0), (32, 48))
+    events = []
+    gram, conv = Fn._Gram.backward, vgg_module._FrozenConvReLU.backward
+
+    def gram_backward(ctx, grad):
+        events.append(("gram", ctx.saved_tensors[0].shape[-1]))  # positions of the layer
+        return gram(ctx, grad)
+
+    def conv_backward(ctx, grad):
+        events.append(("conv", grad.shape[-2] * grad.shape[-1]))
+        return conv(ctx, grad)
+
+    monkeypatch.setattr(Fn._Gram, "backward", staticmethod(gram_backward))
+    monkeypatch.setattr(vgg_module._FrozenConvReLU, "backward", staticmethod(conv_backward))
+    criterion(resize(content, (32, 48)).requires_grad_(True), rematch=True)["total"].backward()
+    full = 32 * 48
+    first_gram = events.index(("gram", full))
+    deeper_convs = [i for i, (kind, positions) in enumerate(events) if kind == "conv" and positions < full]
+    assert deeper_convs and max(deeper_convs) < first_gram
 
 
 def test_zero_weight_terms_are_left_out(vgg, images):

@@ -1,0 +1,85 @@
+"""Our L-BFGS takes exactly the steps of torch.optim.LBFGS as the optimiser uses it."""
+
+import pytest
+import torch
+
+from fusion_core.lbfgs import LBFGS
+
+
+def objective(x, a, b):
+    """Bounded, not convex where a < 0: some curvature pairs fail <y, s> > 0 and are left out."""
+    return (a * x.square() + 0.5 * x.pow(4)).sum() + (b @ x.flatten()).square()
+
+
+def run(make_optimizer, x0, a, b, steps):
+    x = x0.clone().requires_grad_(True)
+    optimizer = make_optimizer(x)
+    path = []
+
+    def closure():
+        x.grad = None
+        loss = objective(x, a, b)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        path.append(float(optimizer.step(closure).detach()))
+    return x.detach(), path, optimizer
+
+
+def torch_lbfgs(lr, history_size):
+    return lambda x: torch.optim.LBFGS(
+        [x], lr=lr, max_iter=1, history_size=history_size, tolerance_grad=0, tolerance_change=0
+    )
+
+
+@pytest.mark.parametrize("history_size", [1, 3, 20])
+@pytest.mark.parametrize("lr", [1.0, 0.5])
+@pytest.mark.parametrize("problem", ["mixed", "concave-start"])
+def test_same_steps_as_torch_lbfgs(history_size, lr, problem):
+    generator = torch.Generator().manual_seed(history_size)
+    x0 = torch.randn(2, 3, 5, 4, generator=generator)
+    a = torch.randn(x0.shape, generator=generator)
+    b = torch.randn(x0.numel(), generator=generator) * 0.1
+    if problem == "concave-start":  # near 0 every direction is concave: curvature pairs get left out
+        x0, a, b = x0 * 0.1, -torch.ones_like(a), torch.zeros_like(b)
+    ours, our_path, optimizer = run(lambda x: LBFGS(x, lr=lr, history_size=history_size), x0, a, b, 40)
+    theirs, their_path, _ = run(torch_lbfgs(lr, history_size), x0, a, b, 40)
+    assert our_path == their_path
+    assert torch.equal(ours, theirs)
+    assert their_path[-1] < their_path[0]
+    assert len(optimizer.pairs) == history_size  # the history filled and wrapped round
+    if problem == "concave-start":
+        assert optimizer.rejected > 0
+
+
+def test_stops_at_a_stationary_point():
+    x = torch.zeros(3, requires_grad=True)
+    optimizer = LBFGS(x)
+
+    def closure():
+        x.grad = None
+        loss = x.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert optimizer.steps == 0 and torch.equal(x.detach(), torch.zeros(3))
+
+
+def test_memory_is_allocated_once():
+    x = torch.randn(64, requires_grad=True)
+    optimizer = LBFGS(x, history_size=4)
+
+    def closure():
+        x.grad = None
+        loss = (x.square() + x.pow(4)).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    memory = optimizer._memory.data_ptr()
+    for _ in range(12):
+        optimizer.step(closure)
+    assert optimizer._memory.data_ptr() == memory
+    assert optimizer._memory.shape == (2 * 5 + 3, 64)
