@@ -23,7 +23,7 @@ POOLINGS = ("max", "avg")
 _TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 _TORCHVISION_STD = (0.229, 0.224, 0.225)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-BACKWARD_BAND = 1 << 23  # activation values per band of a conv's backward pass (32 MB in float32)
+BACKWARD_BAND = 1 << 24  # activation values per band of a conv's backward pass (64 MB in float32)
 
 
 def torchvision_conv_indices(arch: str) -> list[int]:
@@ -177,15 +177,23 @@ class _FrozenConvReLU(torch.autograd.Function):
         height = grad.shape[-2]
         rows = max(1, BACKWARD_BAND // max(1, grad[0, :, 0].numel()))
         if rows >= height:
-            return torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad * (sign > 0), padding=1), None, None, None
+            # The input's gradient of a stride-1 convolution is the transposed convolution of the output's.
+            return F.conv_transpose2d(_through_relu(grad, sign), weight, padding=1), None, None, None
         grad_input = grad.new_empty(ctx.input_shape, dtype=ctx.input_dtype)
         for top in range(0, height, rows):
             bottom = min(top + rows, height)
             first, last = max(top - 1, 0), min(bottom + 1, height)  # the gradient rows reaching rows top..bottom-1
-            band = grad[..., first:last, :] * (sign[..., first:last, :] > 0)
+            band = _through_relu(grad[..., first:last, :], sign[..., first:last, :])
             spread = F.conv_transpose2d(band, weight, padding=(0, 1))  # input rows first - 1 .. last
             grad_input[..., top:bottom, :] = spread[..., top - first + 1 : bottom - first + 1, :]
         return grad_input, None, None, None
+
+
+def _through_relu(grad: Tensor, sign: Tensor) -> Tensor:
+    """The gradient through a ReLU, from its output's sign (bool) or its output itself."""
+    if sign.dtype == torch.bool:
+        return grad * sign
+    return torch.ops.aten.threshold_backward(grad, sign, 0)  # what autograd runs for a ReLU
 
 
 class _MaxPool(torch.autograd.Function):
