@@ -230,6 +230,26 @@ def record_activation_dtypes(vgg, dtypes):
     vgg.forward = recording
 
 
+def check_mixed_against_float32(criterion, device, half, rtol, min_cosine):
+    """``criterion`` (mixed precision) runs the VGG pass in ``half`` and its losses and gradient in float32, and
+    agrees with a float32 criterion on the same image."""
+    image = smooth_image(24, 32, seed=3).to(device)
+    dtypes = []
+    record_activation_dtypes(criterion.vgg, dtypes)
+    x = image.clone().requires_grad_(True)
+    values = criterion(x, rematch=True)
+    values["total"].backward()
+    assert dtypes and set(dtypes) == {half}
+    assert all(v.dtype == torch.float32 for v in values.values())
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    reference = _criterion(device, False)
+    y = image.clone().requires_grad_(True)
+    expected = reference(y, rematch=True)
+    expected["total"].backward()
+    torch.testing.assert_close(values["total"], expected["total"], rtol=rtol, atol=0)
+    assert F.cosine_similarity(x.grad.flatten(), y.grad.flatten(), dim=0) > min_cosine
+
+
 def _criterion(device, mixed_precision):
     content, style = smooth_image(24, 32, seed=1).to(device), smooth_image(32, 32, seed=2).to(device)
     vgg = tiny_vgg().to(device)
@@ -255,44 +275,16 @@ def test_mixed_precision_path_runs_on_a_cpu_in_bfloat16(monkeypatch):
     stylize_module = importlib.import_module("fusion_core.stylize")
     monkeypatch.setattr(stylize_module, "autocast", lambda on: torch.autocast("cpu", torch.bfloat16, enabled=on))
     monkeypatch.setattr(stylize_module, "full_precision", lambda on: torch.autocast("cpu", enabled=False))
-    image = smooth_image(24, 32, seed=3)
     criterion = _criterion("cpu", True)
     criterion.mixed_precision = True
-    dtypes = []
-    record_activation_dtypes(criterion.vgg, dtypes)
-    x = image.clone().requires_grad_(True)
-    values = criterion(x, rematch=True)
-    values["total"].backward()
-    assert dtypes and set(dtypes) == {torch.bfloat16}
-    assert all(v.dtype == torch.float32 for v in values.values())
-    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
-    reference = _criterion("cpu", False)
-    y = image.clone().requires_grad_(True)
-    expected = reference(y, rematch=True)
-    expected["total"].backward()
-    torch.testing.assert_close(values["total"], expected["total"], rtol=5e-2, atol=0)
-    assert F.cosine_similarity(x.grad.flatten(), y.grad.flatten(), dim=0) > 0.98
+    check_mixed_against_float32(criterion, "cpu", torch.bfloat16, rtol=5e-2, min_cosine=0.98)
 
 
 @cuda
 def test_cuda_mixed_precision_runs_vgg_in_float16_and_losses_in_float32():
-    image = smooth_image(24, 32, seed=3).cuda()
-    dtypes = []
     criterion = _criterion("cuda", True)
     assert criterion.mixed_precision is True
-    x = image.clone().requires_grad_(True)
-    record_activation_dtypes(criterion.vgg, dtypes)
-    values = criterion(x, rematch=True)
-    values["total"].backward()
-    assert dtypes and set(dtypes) == {torch.float16}
-    assert all(v.dtype == torch.float32 for v in values.values())
-    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
-    reference = _criterion("cuda", False)
-    y = image.clone().requires_grad_(True)
-    expected = reference(y, rematch=True)
-    expected["total"].backward()
-    torch.testing.assert_close(values["total"], expected["total"], rtol=2e-2, atol=0)
-    assert F.cosine_similarity(x.grad.flatten(), y.grad.flatten(), dim=0) > 0.99
+    check_mixed_against_float32(criterion, "cuda", torch.float16, rtol=2e-2, min_cosine=0.99)
 
 
 @cuda
