@@ -21,7 +21,7 @@ def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
     the mask's weight, so a region's Gram does not depend on how large the region is.
     """
     b, c, h, w = features.shape
-    flat = features.reshape(b, c, h * w)
+    flat = channels_by_positions(features)
     if mask is None:
         return _Gram.apply(flat, None, 1.0 / (h * w))
     weight = mask.expand(b, 1, h, w).reshape(b, 1, h * w).to(features.dtype)
@@ -33,12 +33,27 @@ def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
     return _Gram.apply(flat, square, 1.0 / square.sum(-1, keepdim=True).clamp_min(_EPS))
 
 
+def memory_format_of(features: Tensor) -> torch.memory_format:
+    """channels_last for a map stored positions-last (as the VGG pass stores them on CPU and CUDA)."""
+    if features.is_contiguous() or not features.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def channels_by_positions(features: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C, H * W), a view in either memory layout (a matrix product reads both)."""
+    if memory_format_of(features) == torch.channels_last:
+        return features.permute(0, 2, 3, 1).flatten(1, 2).transpose(1, 2)
+    return features.reshape(*features.shape[:2], -1)
+
+
 class _Gram(torch.autograd.Function):
     """G = (F * v) F^T * scale for F (B, C, N), optional per-position weights v (B, 1, N).
 
     Autograd would differentiate the product of F and its transpose as two matrix products plus a
     transposed copy of an (N, C) gradient; G's symmetry gives dF = (dG + dG^T)(F * v) * scale, one
     product. On the first VGG layers (N = H * W) this saves about a tenth of an iteration.
+    The gradient is written in F's layout, so the backward pass never converts between layouts.
     """
 
     @staticmethod
@@ -52,7 +67,10 @@ class _Gram(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         flat, weight = ctx.saved_tensors
         weighted = flat if weight is None else flat * weight
-        return (grad + grad.transpose(1, 2)) * ctx.scale @ weighted, None, None
+        symmetric = (grad + grad.transpose(1, 2)) * ctx.scale
+        if flat.stride(-1) == 1:
+            return symmetric @ weighted, None, None
+        return (weighted.transpose(1, 2) @ symmetric).transpose(1, 2), None, None  # positions-last, as F is
 
 
 def gram_loss(features: Tensor, target_gram: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -86,8 +104,9 @@ def patches(features: Tensor, size: int, stride: int, rows: slice = slice(None))
 
 
 def positions_last(features: Tensor) -> Tensor:
-    """(1, C, H, W) -> (H * W, C): one row per position, so gathering a position reads C contiguous values."""
-    return features[0].flatten(1).T.contiguous()
+    """(1, C, H, W) -> (H * W, C): one row per position, so gathering a position reads C contiguous values.
+    A view of a channels-last map, a copy of any other."""
+    return features[0].permute(1, 2, 0).reshape(-1, features.shape[1])
 
 
 def patch_starts(index: Tensor, shape: tuple[int, int], size: int, stride: int) -> Tensor:
@@ -146,7 +165,7 @@ def mrf_targets(
             here = (slice(dy, dy + (rows - 1) * stride + 1, stride), slice(dx, dx + (cols - 1) * stride + 1, stride))
             coverage[0, 0][here] += w.view(rows, cols)
             weighted_sum[here] += source.view(rows, cols, channels)
-    weighted_sum = weighted_sum.permute(2, 0, 1).contiguous()[None]
+    weighted_sum = weighted_sum.permute(2, 0, 1)[None].contiguous(memory_format=memory_format_of(style))
     # sum_i w_i ||matched patch_i||^2 from the energy of every style patch, in float64: the residual is a
     # small difference of large sums.
     if patch_energy is None:

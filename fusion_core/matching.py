@@ -185,7 +185,7 @@ class ProjectedSearch:
             self.matches = 0
 
     def _project(self, features: Tensor) -> Tensor:
-        return F.conv2d(features, self.kernels, stride=self.stride)[0].flatten(1).T  # (N, d)
+        return positions_last(F.conv2d(features, self.kernels, stride=self.stride))  # (N, d)
 
     @torch.no_grad()
     def __call__(self, query: Tensor, previous: Tensor | None = None) -> Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import FusionError
+from .functional import memory_format_of
 
 # Convs per block, and the index of each conv in torchvision's ``features`` Sequential.
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
@@ -24,6 +25,9 @@ _TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 _TORCHVISION_STD = (0.229, 0.224, 0.225)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 BACKWARD_BAND = 1 << 24  # activation values per band of a conv's backward pass (64 MB in float32)
+# Devices whose convolution libraries are fastest on channels-last (positions-last) maps: on this CPU a
+# 64-channel 3x3 convolution at 512 px runs 1.6x faster forward and 2x faster backward, and max pooling 10x.
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 
 def torchvision_conv_indices(arch: str) -> list[int]:
@@ -108,7 +112,8 @@ class VGGFeatures(nn.Module):
     def normalize(self, image: Tensor) -> Tensor:
         if self.convention == "caffe":
             image = image.flip(1) * 255.0  # RGB 0..1 -> BGR 0..255
-        return (image - self._mean) / self._std
+        layout = torch.channels_last if image.device.type in CHANNELS_LAST_DEVICES else torch.contiguous_format
+        return ((image - self._mean) / self._std).contiguous(memory_format=layout)
 
     def forward(
         self, image: Tensor, layers: Iterable[str], on_layer: Callable[[str, Tensor], None] | None = None
@@ -179,7 +184,9 @@ class _FrozenConvReLU(torch.autograd.Function):
         if rows >= height:
             # The input's gradient of a stride-1 convolution is the transposed convolution of the output's.
             return F.conv_transpose2d(_through_relu(grad, sign), weight, padding=1), None, None, None
-        grad_input = grad.new_empty(ctx.input_shape, dtype=ctx.input_dtype)
+        grad_input = torch.empty(
+            ctx.input_shape, dtype=ctx.input_dtype, device=grad.device, memory_format=memory_format_of(grad)
+        )
         for top in range(0, height, rows):
             bottom = min(top + rows, height)
             first, last = max(top - 1, 0), min(bottom + 1, height)  # the gradient rows reaching rows top..bottom-1

@@ -41,6 +41,40 @@ def test_gram_gradient_matches_finite_differences_and_autograd(masked):
     torch.testing.assert_close(grad, expected)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_gram_of_a_channels_last_map_equals_and_keeps_its_layout(masked):
+    # The VGG pass produces channels-last maps on CPU and CUDA: the Gram reads them in place, and its
+    # gradient comes back in the same layout (a layout change in the backward pass would cost a copy).
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(1, 6, 5, 7, dtype=torch.float64, generator=generator)
+    mask = torch.rand(5, 7, dtype=torch.float64, generator=generator) if masked else None
+    probe = torch.randn(1, 6, 6, dtype=torch.float64, generator=generator)
+    results = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = features.contiguous(memory_format=layout).requires_grad_(True)
+        assert Fn.channels_by_positions(x).untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        gram = Fn.gram_matrix(x, mask)
+        (grad,) = torch.autograd.grad((gram * probe).sum(), x)
+        assert grad.is_contiguous(memory_format=layout)
+        results[layout] = gram, grad
+    torch.testing.assert_close(results[torch.channels_last], results[torch.contiguous_format])
+
+
+def test_positions_last_and_mrf_targets_in_either_layout():
+    generator = torch.Generator().manual_seed(4)
+    style = torch.randn(1, 4, 7, 6, dtype=torch.float64, generator=generator)
+    indices = torch.randint(0, 20, (30,), generator=generator)
+    channels_last = style.contiguous(memory_format=torch.channels_last)
+    rows = Fn.positions_last(channels_last)
+    torch.testing.assert_close(rows, style[0].reshape(4, -1).T)
+    assert rows.untyped_storage().data_ptr() == channels_last.untyped_storage().data_ptr()  # a view, no copy
+    ours = Fn.mrf_targets(channels_last, indices, (7, 8), 3, 1)
+    plain = Fn.mrf_targets(style, indices, (7, 8), 3, 1)
+    assert ours[1].is_contiguous(memory_format=torch.channels_last) and plain[1].is_contiguous()
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_patches_are_unfold_rows_in_grid_order():
     features = torch.randn(1, 3, 9, 7)
     full = Fn.patches(features, 3, 2)
