@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rematch-every", type=int, default=_DEFAULTS.rematch_every, help="search nearest patches every N iterations"
     )
+    p.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.mixed_precision,
+        help="16-bit VGG pass and patch search where the hardware has it (float16 on CUDA, bfloat16 on CPUs with "
+        "AVX512-BF16 or AMX); losses and image stay float32. --no-mixed-precision: float32 throughout",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -179,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             preview_every=args.save_every,
             matcher=args.matcher,
             rematch_every=args.rematch_every,
+            mixed_precision=args.mixed_precision,
         )
         vgg = load_vgg(
             args.weights,

@@ -59,7 +59,9 @@ class Settings:
     history_size: int = 20  # L-BFGS memory; each entry holds two image-sized vectors
     matcher: str = "fast"  # nearest-patch search: "fast" (projected candidates, re-ranked exactly) or "exact"
     rematch_every: int = 1  # search nearest style patches every n-th iteration (1: every evaluation)
-    mixed_precision: bool = True  # on CUDA: float16 for the VGG pass and the patch search (never losses/L-BFGS)
+    # 16-bit VGG pass and patch search where the hardware has it: float16 on CUDA, bfloat16 on CPUs with
+    # AVX512-BF16 / AMX; losses, Grams, image and L-BFGS state stay float32 (precision.py)
+    mixed_precision: bool = True
     preview_every: int = 0  # attach the current image to every n-th progress report (0: never)
 
 

@@ -195,7 +195,7 @@ class ProjectedSearch:
             query = query.float()
             projected = self._project(query)
             # Each query row scaled to unit length: the order within a row is unchanged and the
-            # scores stay in [-1, 1], safe for float16 under autocast.
+            # scores stay in [-1, 1], safe for 16-bit floats under autocast.
             projected = projected / projected.norm(dim=1, keepdim=True).clamp_min(1e-8)
             query_rows, q_shape = positions_last(query), tuple(query.shape[-2:])
         n_query, n_style = projected.shape[0], self.projected.shape[0]
@@ -207,7 +207,7 @@ class ProjectedSearch:
             q = projected[q_start : q_start + q_band]
             top_score = top_index = None
             for s_start in range(0, n_style, s_band):
-                scores = q @ self.projected[s_start : s_start + s_band].T  # float16 under CUDA autocast
+                scores = q @ self.projected[s_start : s_start + s_band].T  # 16-bit under autocast
                 found = scores.topk(min(self.candidates, scores.shape[1]), dim=1, sorted=False)
                 score, index = found.values.float(), found.indices + s_start
                 if top_score is not None:
@@ -326,7 +326,7 @@ def projected_nearest_patches(
 
     1. Candidates: patches projected to ``dims`` dimensions (PCA of the style patches); the
        ``candidates`` style patches with the best projected score <Pq, Ps>/|s| per query are kept.
-       Under CUDA autocast this one product runs in float16.
+       Under autocast (mixed precision) this one product runs in 16 bits.
     2. Re-ranking: the exact score <q, s>/|s| of each candidate, read from the feature maps in
        float32; the best wins. With ``candidates`` >= the number of style patches this is the exact
        search; a wrong pick can only be a patch whose true score is close to the best.

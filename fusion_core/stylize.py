@@ -18,7 +18,7 @@ from .lbfgs import LBFGS
 from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
 from .matching import MATCHERS
 from .memory import check_memory
-from .precision import autocast, enabled_for, full_precision, into_half, out_of_half
+from .precision import autocast, full_precision, into_half, mixed_dtype, out_of_half
 from .pyramid import fit_longest, level_shapes
 from .vgg import VGGFeatures
 
@@ -37,7 +37,8 @@ class Criterion:
         mixed_precision: bool = False,
     ):
         self.vgg, self.terms, self.tv_weight = vgg, terms, tv_weight
-        self.mixed_precision = enabled_for(vgg.device, mixed_precision)  # CUDA only; see precision.py
+        # float16 on CUDA, bfloat16 on a CPU with bfloat16 instructions, else None; see precision.py
+        self.half_dtype = mixed_dtype(vgg.device, mixed_precision)
         self.layers = {layer for _, _, module in terms for layer in _layers_of(module)}
         self.patch_losses = [m for _, _, m in terms if isinstance(m, PatchLoss)]
         self.due: dict[str, list[tuple[str, float, torch.nn.Module]]] = {}  # deepest layer -> terms
@@ -52,8 +53,8 @@ class Criterion:
         as the layer) only when the backward pass reaches that layer, rather than holding it through the
         whole backward pass: ~0.4 GB less at the peak at 1024 px.
         """
-        half = self.mixed_precision
-        activations: dict[str, Tensor] = {}  # as the network gives them: float16 under autocast
+        half, device = self.half_dtype is not None, self.vgg.device
+        activations: dict[str, Tensor] = {}  # as the network gives them: 16-bit under autocast
         features: dict[str, Tensor] = {}  # as the losses see them: float32
         values: dict[str, Tensor] = {}
 
@@ -63,10 +64,10 @@ class Criterion:
             for kind, weight, module in self.due.get(name, ()):
                 if rematch and isinstance(module, PatchLoss):
                     module.match(activations)  # the patch search runs under autocast too
-                with full_precision(half):
+                with full_precision(device, half):
                     values[kind] = values.get(kind, 0.0) + weight * module(features)
 
-        with autocast(half):  # the VGG pass and the patch search only
+        with autocast(device, self.half_dtype):  # the VGG pass and the patch search only
             if self.layers:
                 self.vgg(into_half(image, half), self.layers, on_layer=evaluate)
         if self.tv_weight > 0:

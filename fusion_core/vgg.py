@@ -178,7 +178,7 @@ class _FrozenConvReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         sign, weight = ctx.saved_tensors
-        weight = weight.to(grad.dtype)  # under autocast the pass ran in float16
+        weight = weight.to(grad.dtype)  # under autocast the pass ran in float16 / bfloat16
         height = grad.shape[-2]
         rows = max(1, BACKWARD_BAND // max(1, grad[0, :, 0].numel()))
         if rows >= height:

@@ -166,6 +166,15 @@ class FusionStyleFusedOptimize:
                         "between; 1 searches at every iteration, higher is faster.",
                     },
                 ),
+                "mixed_precision": (
+                    "BOOLEAN",
+                    {
+                        "default": _DEFAULTS.mixed_precision,
+                        "tooltip": "Run the VGG pass and the patch search in 16-bit floats where the hardware has "
+                        "them (float16 on NVIDIA GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX): 1.5-2.5x faster, "
+                        "same quality. Losses and the image stay float32. Off: float32 throughout.",
+                    },
+                ),
             },
         }
 
@@ -187,6 +196,7 @@ class FusionStyleFusedOptimize:
         tv_weight=None,
         matcher=None,
         rematch_every=None,
+        mixed_precision=None,
     ):
         settings = Settings(
             content_weight=content_weight,
@@ -202,6 +212,7 @@ class FusionStyleFusedOptimize:
             tv_weight=_DEFAULTS.tv_weight if tv_weight is None else tv_weight,
             matcher=matcher or _DEFAULTS.matcher,
             rematch_every=rematch_every or _DEFAULTS.rematch_every,
+            mixed_precision=_DEFAULTS.mixed_precision if mixed_precision is None else bool(mixed_precision),
             preview_every=PREVIEW_EVERY,
         )
         contents = split_images("content_image", content_image)

@@ -10,6 +10,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
+from fusion_core import precision
+
 ROOT = Path(__file__).resolve().parents[1]
 PACK = "fusion_style"
 
@@ -24,3 +28,10 @@ def _load_pack() -> None:
 
 
 _load_pack()
+
+
+@pytest.fixture(autouse=True)
+def float32_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests compare against float32 computations, on whatever CPU runs them: the bfloat16 path that CPUs with
+    bfloat16 instructions take by default is switched on only by the tests written for it."""
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)

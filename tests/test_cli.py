@@ -10,6 +10,7 @@ from helpers import smooth_image, tiny_vgg
 from PIL import Image
 from safetensors.torch import save_file
 
+from fusion_core import cli
 from fusion_core.cli import main
 from fusion_core.vgg import torchvision_conv_indices
 
@@ -113,3 +114,16 @@ def test_bad_input_exits_2_with_one_line(files, capsys, monkeypatch, args, messa
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "fusion_core", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "--local-weight" in result.stdout
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-mixed-precision"], False)])
+def test_mixed_precision_flag_reaches_the_settings(files, monkeypatch, flag, expected):
+    captured = []
+
+    def fake_stylize(vgg, content, styles, settings, **kwargs):
+        captured.append(settings)
+        return content
+
+    monkeypatch.setattr(cli, "stylize", fake_stylize)
+    assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flag) == 0
+    assert captured[0].mixed_precision is expected

@@ -405,7 +405,7 @@ def test_optimize_new_inputs_default_to_the_library_defaults():
     optional = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["optional"]
     defaults = Settings()
     assert optional["optimizer"][0] == list(OPTIMIZERS) and optional["matcher"][0] == list(MATCHERS)
-    for name in ("color", "optimizer", "tv_weight", "matcher", "rematch_every"):
+    for name in ("color", "optimizer", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
         assert optional[name][1]["default"] == getattr(defaults, name), name
     assert defaults.learning_rate is None and optional["learning_rate"][1]["default"] == 0  # 0 stands for None
     assert optional["tv_weight"][1]["min"] == optional["learning_rate"][1]["min"] == 0
@@ -432,10 +432,13 @@ def test_optimize_optimiser_inputs_reach_fusion_core(monkeypatch, vgg):
     )
     assert (settings.optimizer, settings.learning_rate, settings.tv_weight) == ("adam", 0.05, 5.0)
     assert (settings.matcher, settings.rematch_every) == ("exact", 4)
-    settings = capture_settings(monkeypatch, vgg, optimizer="lbfgs", learning_rate=0.0, tv_weight=0.0)
+    settings = capture_settings(
+        monkeypatch, vgg, optimizer="lbfgs", learning_rate=0.0, tv_weight=0.0, mixed_precision=False
+    )
     assert settings.learning_rate is None  # 0: the optimiser's own default
+    assert settings.mixed_precision is False
     defaults, omitted = Settings(), capture_settings(monkeypatch, vgg)  # an old workflow without the new inputs
-    for name in ("color", "optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every"):
+    for name in ("color", "optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
         assert getattr(omitted, name) == getattr(defaults, name), name
 
 
