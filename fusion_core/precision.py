@@ -26,7 +26,10 @@ GRAD_SCALE = 2.0**16
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 arithmetic instructions (x86 AVX512-BF16 or AMX)."""
+    """Whether this CPU has bfloat16 arithmetic instructions (x86 AVX512-BF16 or AMX) and torch has oneDNN,
+    the library whose convolutions use them."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

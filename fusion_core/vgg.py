@@ -61,7 +61,8 @@ class VGGFeatures(nn.Module):
     """Frozen VGG trunk; ``forward(image, layers)`` returns ``{name: activation}``.
 
     ``image`` is RGB in 0..1 with shape (B, 3, H, W); the input convention of the weights
-    (torchvision or Caffe) is applied inside, so callers never think about it.
+    (torchvision or Caffe) is applied inside, so callers never think about it. On CPU and CUDA the
+    activations are channels-last (``CHANNELS_LAST_DEVICES``), the layout their convolutions run fastest in.
     """
 
     def __init__(

@@ -171,8 +171,9 @@ class FusionStyleFusedOptimize:
                     {
                         "default": _DEFAULTS.mixed_precision,
                         "tooltip": "Run the VGG pass and the patch search in 16-bit floats where the hardware has "
-                        "them (float16 on NVIDIA GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX): 1.5-2.5x faster, "
-                        "same quality. Losses and the image stay float32. Off: float32 throughout.",
+                        "them (float16 on NVIDIA GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX; ~1.7x faster per "
+                        "iteration on such a CPU, same quality). Losses and the image stay float32. Off: float32 "
+                        "throughout.",
                     },
                 ),
             },

@@ -218,6 +218,8 @@ def test_native_bfloat16_follows_the_cpu_probes(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         assert precision.native_bfloat16() == (avx512_bf16 or amx)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert not precision.native_bfloat16()  # no oneDNN: bfloat16 convolutions would not use the instructions
 
 
 def test_gradient_scaling_is_exact_and_neutral():
