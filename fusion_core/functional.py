@@ -80,7 +80,8 @@ def gram_loss(features: Tensor, target_gram: Tensor, mask: Tensor | None = None)
 
 def content_loss(features: Tensor, target: Tensor, energy: float | Tensor) -> Tensor:
     """Mean squared feature distance in units of ``energy`` (a mean squared activation)."""
-    return (features - target).square().mean() / max(float(energy), _EPS)
+    # sum / numel rather than mean(): autograd then returns the gradient in the features' memory layout
+    return (features - target).square().sum() / (features.numel() * max(float(energy), _EPS))
 
 
 def total_variation_loss(image: Tensor) -> Tensor:
@@ -185,4 +186,8 @@ def mrf_loss(features: Tensor, coverage: Tensor, mean_target: Tensor, residual: 
     Written per position (each position appears in up to size^2 patches) rather than per patch:
     equal to the patch sum, with the same gradient, at the memory of one feature map.
     """
-    return (coverage * (features - mean_target).square()).sum() + residual
+    difference = features - mean_target
+    # Written so that autograd returns the gradient in the features' memory layout (channels-last from the
+    # VGG pass): coverage * difference.square() would give a channels-first gradient, and mixing the two
+    # layouts in the backward pass costs a slow copy at every addition.
+    return (coverage * difference * difference).sum() + residual

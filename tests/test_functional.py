@@ -75,6 +75,22 @@ def test_positions_last_and_mrf_targets_in_either_layout():
         torch.testing.assert_close(a, b)
 
 
+def test_content_and_mrf_gradients_keep_the_channels_last_layout():
+    # A channels-first gradient meeting the VGG pass's channels-last ones costs a layout copy at every sum.
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(1, 4, 7, 8, generator=generator).contiguous(memory_format=torch.channels_last)
+    target = torch.randn(1, 4, 7, 8, generator=generator).contiguous(memory_format=torch.channels_last)
+    style = torch.randn(1, 4, 6, 6, generator=generator).contiguous(memory_format=torch.channels_last)
+    targets = Fn.mrf_targets(style, torch.randint(0, 16, (30,), generator=generator), (7, 8), 3, 1)
+    for loss in (lambda f: Fn.content_loss(f, target, 0.5), lambda f: Fn.mrf_loss(f, *targets)):
+        x = features.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss(x), x)
+        assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
+        y = features.contiguous().requires_grad_(True)
+        (reference,) = torch.autograd.grad(loss(y), y)  # the same values from a channels-first map
+        torch.testing.assert_close(grad, reference)
+
+
 def test_patches_are_unfold_rows_in_grid_order():
     features = torch.randn(1, 3, 9, 7)
     full = Fn.patches(features, 3, 2)
