@@ -37,7 +37,8 @@ def pass_seconds(vgg, image: torch.Tensor, dtype: torch.dtype | None, channels_l
     start = time.perf_counter()
     with autocast(x.device, dtype):
         features = out_of_half(vgg(into_half(x, half), LAYERS), half)
-    sum(f.square().mean() for f in features.values()).backward()
+    # sum() / numel rather than mean(): mean's gradient comes back channels-first (see functional.content_loss)
+    sum(f.square().sum() / f.numel() for f in features.values()).backward()
     return time.perf_counter() - start
 
 
