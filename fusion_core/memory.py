@@ -37,8 +37,7 @@ def _activation_elements(vgg: VGGFeatures, shape: tuple[int, int], layers: set[s
             conv += 1
             size = channels * h * w
             largest = max(largest, size)
-            pooled = i + 2 < len(names) and names[i + 2].startswith("pool")
-            whole = "relu" + name[4:] in layers or name in layers or pooled
+            whole = name in layers or vgg.keeps_relu_whole(names, i, layers)  # a returned conv output: unfused
             kept += size if whole else size // 4  # a ReLU's sign: one byte
         elif name.startswith("pool"):
             h, w = h // 2, w // 2

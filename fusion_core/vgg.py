@@ -116,6 +116,13 @@ class VGGFeatures(nn.Module):
         layout = torch.channels_last if image.device.type in CHANNELS_LAST_DEVICES else torch.contiguous_format
         return ((image - self._mean) / self._std).contiguous(memory_format=layout)
 
+    def keeps_relu_whole(self, names: list[str], i: int, wanted: set[str]) -> bool:
+        """Whether the backward pass keeps the ReLU output after conv ``names[i]`` whole rather than as one byte
+        per value: an output that stays alive anyway (returned, or saved by the max pool after it) is kept
+        by its conv rather than as a second, boolean copy. (``memory.py`` counts with the same rule.)"""
+        pooled = i + 2 < len(names) and names[i + 2].startswith("pool") and self.pooling == "max"
+        return "relu" + names[i][4:] in wanted or pooled
+
     def forward(
         self, image: Tensor, layers: Iterable[str], on_layer: Callable[[str, Tensor], None] | None = None
     ) -> dict[str, Tensor]:
@@ -135,11 +142,7 @@ class VGGFeatures(nn.Module):
                 conv_i += 1
                 fused = compact and name not in wanted
                 if fused:
-                    relu = "relu" + name[4:]
-                    # A ReLU output that stays alive anyway (returned, or saved by the max pool after it) is
-                    # kept whole by its conv rather than as a second, boolean copy.
-                    pooled = i + 2 < len(names) and names[i + 2].startswith("pool") and self.pooling == "max"
-                    x = _FrozenConvReLU.apply(x, conv.weight, conv.bias, relu in wanted or pooled)
+                    x = _FrozenConvReLU.apply(x, conv.weight, conv.bias, self.keeps_relu_whole(names, i, wanted))
                 else:
                     x = conv(x)
             elif name.startswith("relu"):
