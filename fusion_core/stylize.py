@@ -316,6 +316,8 @@ def _check_settings(vgg: VGGFeatures, styles: Sequence[StyleTerm], settings: Set
         raise FusionError(f"optimizer: {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if settings.color not in COLOR_MODES:
         raise FusionError(f"color: {settings.color!r} is not one of {', '.join(COLOR_MODES)}")
+    if not isinstance(settings.mixed_precision, bool):  # a string such as "false" would read as on
+        raise FusionError(f"mixed_precision: expected True or False, got {settings.mixed_precision!r}")
     if settings.learning_rate is not None and not (
         isinstance(settings.learning_rate, (int, float)) and 0 < settings.learning_rate < math.inf
     ):

@@ -172,6 +172,7 @@ def test_zero_weight_terms_are_left_out(vgg, images):
         (dict(init="noise"), "init: 'noise' is not one of random, content"),
         (dict(content_layer="relu9_9"), "unknown layer.*'relu9_9'.*valid: relu1_1"),
         (dict(content_weight=-1.0), "content_weight: expected a finite number >= 0"),
+        (dict(mixed_precision="false"), "mixed_precision: expected True or False, got 'false'"),
     ],
 )
 def test_bad_settings(vgg, images, change, message):
