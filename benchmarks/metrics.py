@@ -7,6 +7,9 @@
 - content distance: ||relu4_2(output) - relu4_2(content)|| / ||relu4_2(content)||. Lower = closer to the content.
 - SSIM of luminance against the content (Gaussian window 11, sigma 1.5, valid region only). Higher = closer;
   1 means identical.
+- palette distance: sliced Wasserstein distance between the output's RGB pixels and the style image's (values
+  0..1), both resized to PALETTE_SIZE px on the long side. It needs no network, so no optimiser can satisfy it
+  with feature statistics that no painter's colours would give. Lower = closer to the painting's colours.
 - patch distance: for every 3x3 patch of the output's features on relu2_1 and relu4_1, the cosine similarity of
   the most similar 3x3 style patch (exhaustive search); 1 minus its mean, averaged over the two layers. Small when
   every local piece of the output looks like some piece of the style (the style's local detail), whatever its
@@ -32,6 +35,7 @@ CONTENT_LAYER = "relu4_2"
 PATCH_LAYERS = ("relu2_1", "relu4_1")
 PROJECTIONS = 128
 SEED = 0
+PALETTE_SIZE = 256
 
 
 def feature_points(features: Tensor) -> Tensor:
@@ -136,6 +140,17 @@ def content_distance(vgg, output: Tensor, content: Tensor, layer: str = CONTENT_
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def palette_distance(output: Tensor, style: Tensor, size: int = PALETTE_SIZE) -> float:
+    """Sliced W2 between the RGB pixels of ``output`` and ``style`` (each (1, 3, H, W) in 0..1), both resized to
+    ``size`` px on the long side first."""
+
+    def pixels(image: Tensor) -> Tensor:
+        image = resize(image.float(), fit_longest(image.shape[-2], image.shape[-1], size))
+        return image[0].reshape(3, -1).T
+
+    return sliced_wasserstein(pixels(output), pixels(style))
+
+
 def best_patch_cosine(output: Tensor, style: Tensor, size: int = 3) -> Tensor:
     """For every size x size patch of the (1, C, H, W) map ``output``, the cosine similarity of the most similar
     patch of ``style`` (stride 1, exhaustive, chunked search): shape (N_output,), float64."""
@@ -158,6 +173,7 @@ def evaluate(vgg, output: Tensor, content: Tensor, style: Tensor) -> dict[str, f
     """All measures of one output. ``content`` and ``style`` are resized here: the content to the output's
     shape, the style to the output's longest side (the scale ``stylize`` uses at its last level)."""
     shape = tuple(output.shape[-2:])
+    palette = palette_distance(output, style.to(output.device))
     content = resize(content.to(output.device), shape)
     style = resize(style.to(output.device), fit_longest(style.shape[-2], style.shape[-1], max(shape)))
     swd = style_distance(vgg, output, style)
@@ -169,6 +185,7 @@ def evaluate(vgg, output: Tensor, content: Tensor, style: Tensor) -> dict[str, f
         "patch_dist_layers": {k: v for k, v in patch.items() if k != "mean"},
         "content_dist": content_distance(vgg, output, content),
         "ssim": ssim(luminance(output), luminance(content)),
+        "palette_dist": palette,
     }
 
 
@@ -182,6 +199,7 @@ __all__ = [
     "feature_points",
     "gaussian_window",
     "luminance",
+    "palette_distance",
     "patch_distance",
     "projections",
     "sliced_wasserstein",

@@ -142,6 +142,42 @@ def test_luminance_weights():
     assert float(metrics.luminance(image)) == pytest.approx(0.299 + 0.587 * 0.5 + 0.114 * 0.25)
 
 
+# --- palette distance ---
+
+
+def two_colour_image(height: int, width: int, top: list[float], bottom: list[float]) -> torch.Tensor:
+    image = torch.empty(1, 3, height, width)
+    image[0, :, : height // 2] = torch.tensor(top).view(3, 1, 1)
+    image[0, :, height // 2 :] = torch.tensor(bottom).view(3, 1, 1)
+    return image
+
+
+def test_palette_distance_against_a_direct_computation():
+    # At 256 px on the long side nothing is resized, so the pixel sets are exactly known: the output is one colour
+    # u, the style half v1 and half v2. Along a direction t the sorted projections pair u with v1 for half the
+    # quantiles and with v2 for the other half, so W2^2 = (t.(u - v1))^2 / 2 + (t.(u - v2))^2 / 2.
+    u, v1, v2 = [0.2, 0.5, 0.9], [0.9, 0.1, 0.1], [0.0, 0.3, 0.6]
+    output = two_colour_image(128, 256, u, u)
+    style = two_colour_image(256, 200, v1, v2)
+    theta = metrics.projections(3)
+    along = {name: torch.tensor(c, dtype=torch.float64) @ theta for name, c in (("u", u), ("v1", v1), ("v2", v2))}
+    direct = (((along["u"] - along["v1"]).square() + (along["u"] - along["v2"]).square()) / 2).mean().sqrt()
+    assert metrics.palette_distance(output, style) == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_palette_distance_ignores_where_colours_are_and_resizes_both_images():
+    generator = torch.Generator().manual_seed(3)
+    style = torch.rand(1, 3, 192, 256, generator=generator)
+    shuffled = style.flatten(2)[..., torch.randperm(192 * 256, generator=generator)].view_as(style)
+    assert metrics.palette_distance(style, style) == 0.0
+    assert metrics.palette_distance(shuffled, style) < 1e-6  # the same colours elsewhere
+    # Both are resized to 256 px first: a 512 px black-and-white checkerboard of 1 px squares becomes mid-grey.
+    checkerboard = ((torch.arange(512)[:, None] + torch.arange(512)[None, :]) % 2).float().expand(1, 3, 512, 512)
+    grey = torch.full((1, 3, 100, 50), 0.5)
+    assert metrics.palette_distance(checkerboard, grey) < 1e-3
+    assert metrics.palette_distance(checkerboard, grey, size=512) > 0.4  # unresized: black and white
+
+
 # --- measures on network features ---
 
 
@@ -157,6 +193,7 @@ def test_evaluate_on_a_tiny_network():
     assert metrics.evaluate(vgg, styled, content, style)["style_swd"] < 1e-6
     other = metrics.evaluate(vgg, smooth_image(32, 48, 5), content, style)
     assert other["content_dist"] > 0 and other["ssim"] < 1
+    assert other["palette_dist"] == metrics.palette_distance(smooth_image(32, 48, 5), style)
 
 
 def test_best_patch_cosine_matches_a_brute_force_search():
