@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import GlobalStyle, LocalStyle, Progress, Settings
+from .config import INITS, PRESETS, GlobalStyle, LocalStyle, Progress, Settings, preset
 from .errors import Cancelled, FusionError
 from .images import check_output_path, load_image, save_image
 from .matching import MATCHERS
@@ -53,7 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-weight", type=float, default=_GLOBAL.weight, help="a1: Gram (global) style weight")
     p.add_argument("--local-weight", type=float, default=_LOCAL.weight, help="a2: MRF patch (local) style weight")
     p.add_argument("--content-weight", type=float, default=_DEFAULTS.content_weight, help="a3: content weight")
-    p.add_argument("--init", default=_DEFAULTS.init, choices=["random", "content"])
+    p.add_argument(
+        "--preset",
+        default="default",
+        choices=list(PRESETS),
+        help="paper: the paper's own set-up (random start, no total variation, local term on every level); "
+        "flags given explicitly still apply",
+    )
+    p.add_argument(
+        "--init",
+        choices=list(INITS),
+        help="start from the content in the style's colours (recolored, default), the content as it is, or noise",
+    )
     p.add_argument("--blend", type=float, nargs="+", help="one blend weight per --style (default: equal)")
     p.add_argument(
         "--mask",
@@ -75,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=["lbfgs", "adam"])
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for L-BFGS, 0.02 for Adam)")
-    p.add_argument("--tv-weight", type=float, default=_DEFAULTS.tv_weight, help="total-variation weight")
+    p.add_argument(
+        "--tv-weight",
+        type=float,
+        help=f"total-variation weight (default {_DEFAULTS.tv_weight:g}; 0 with --preset paper)",
+    )
     p.add_argument("--save-every", type=int, default=0, help="also write the current image to --out every N iterations")
     p.add_argument(
         "--matcher",
@@ -172,16 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = pick_device(args.device)
         content = load_image(args.content, "content")
         styles = style_terms(args)
-        settings = Settings(
+        explicit = {"init": args.init, "tv_weight": args.tv_weight}
+        settings = preset(
+            args.preset,
+            **{name: value for name, value in explicit.items() if value is not None},
             content_weight=args.content_weight,
             size=args.size,
             levels=args.levels,
             iterations=args.iters,
-            init=args.init,
             seed=args.seed,
             optimizer=args.optimizer,
             learning_rate=args.lr,
-            tv_weight=args.tv_weight,
             color=args.color,
             preview_every=args.save_every,
             matcher=args.matcher,

@@ -5,6 +5,9 @@
   content's chroma (I, Q of YIQ).
 - ``histogram``: recolour each style image so its colour mean and covariance equal the content's,
   then stylise as usual.
+
+The same colour map, the other way round, gives the default start of the optimisation: the content in the
+style's colours (``stylize.initial_image``).
 """
 
 from __future__ import annotations
@@ -48,27 +51,78 @@ def recombine_chroma(output: Tensor, content: Tensor) -> Tensor:
     return yiq_to_rgb(yiq).clamp(0, 1)
 
 
-def _colour_statistics(image: Tensor) -> tuple[Tensor, Tensor]:
-    pixels = image[0].reshape(3, -1).double()
-    mean = pixels.mean(1, keepdim=True)
+# Colour variances below this (a standard deviation of 0.01, 2.5 levels of 255) are treated as this: a nearly
+# grey image's faint chroma noise is then not blown up into colour when it is mapped onto a colourful one.
+_MIN_VARIANCE = 1e-4
+
+
+def colour_statistics(image: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mean (3, 1) and covariance (3, 3) of the pixels' RGB values, ``weight`` (H, W) weighing them.
+
+    Summed on the image's device (in float32, or float64 for a float64 image: no float64 on GPUs), returned as
+    small float64 tensors on the CPU, where the colour map's eigendecompositions run on every backend.
+    """
+    dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    pixels = image[0].reshape(3, -1).to(dtype)
+    w = pixels.new_ones(pixels.shape[1]) if weight is None else weight.reshape(-1).to(pixels)
+    w = w / w.sum().clamp_min(1e-12)
+    mean = (pixels * w).sum(1, keepdim=True)
     centred = pixels - mean
-    return mean, centred @ centred.T / pixels.shape[1]
+    covariance = (centred * w) @ centred.T
+    return mean.cpu().double(), covariance.cpu().double()
 
 
-def _sqrt_and_inverse_sqrt(covariance: Tensor) -> tuple[Tensor, Tensor]:
-    values, vectors = torch.linalg.eigh(covariance)
-    values = values.clamp_min(1e-10)
-    return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+def _matrix_power(symmetric: Tensor, power: float, floor: float = 0.0) -> Tensor:
+    values, vectors = torch.linalg.eigh(symmetric)
+    return (vectors * values.clamp_min(floor) ** power) @ vectors.T
+
+
+def colour_map(source: tuple[Tensor, Tensor], target: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(A, b) with x -> A x + b taking colours of mean/covariance ``source`` to ``target``'s mean and covariance.
+
+    A is the linear Monge-Kantorovich map (Pitie & Kokaram 2007), the one of all such maps that moves colours the
+    least: hues keep their order and neighbours, where other square roots of the covariances may swap them.
+    A = S^-1/2 (S^1/2 T S^1/2)^1/2 S^-1/2 for source and target covariances S and T.
+    """
+    (mean_s, cov_s), (mean_t, cov_t) = source, target
+    cov_s = _matrix_power(cov_s, 1.0, _MIN_VARIANCE)
+    root_s, inverse_root_s = _matrix_power(cov_s, 0.5), _matrix_power(cov_s, -0.5)
+    transform = inverse_root_s @ _matrix_power(root_s @ cov_t @ root_s, 0.5) @ inverse_root_s
+    return transform, mean_t - transform @ mean_s
+
+
+def apply_colour_map(image: Tensor, transform: Tensor, offset: Tensor) -> Tensor:
+    """x -> transform x + offset on every pixel, in the image's dtype and on its device."""
+    transform, offset = transform.to(image), offset.to(image)
+    return (transform @ image[0].reshape(3, -1) + offset).reshape_as(image[0])[None]
 
 
 def match_histogram(style: Tensor, content: Tensor) -> Tensor:
-    """Affine recolouring x -> A (x - mu_s) + mu_c with A = C_c^1/2 C_s^-1/2: the style then has the
-    content's colour mean and covariance exactly (values may leave 0..1; the network does not mind)."""
-    mean_s, cov_s = _colour_statistics(style)
-    mean_c, cov_c = _colour_statistics(content)
-    sqrt_c, _ = _sqrt_and_inverse_sqrt(cov_c)
-    _, inv_sqrt_s = _sqrt_and_inverse_sqrt(cov_s)
-    transform = sqrt_c @ inv_sqrt_s
-    pixels = style[0].reshape(3, -1).double()
-    matched = transform @ (pixels - mean_s) + mean_c
-    return matched.reshape_as(style[0])[None].to(style.dtype)
+    """The style recoloured to the content's colour mean and covariance (values may leave 0..1; the network does
+    not mind)."""
+    return apply_colour_map(style, *colour_map(colour_statistics(style), colour_statistics(content)))
+
+
+def recolour(content: Tensor, sources: list[tuple[Tensor, float, Tensor | None, Tensor | None]]) -> Tensor:
+    """The content in the colours of the styles.
+
+    ``sources``: (style image, weight, target mask, style mask) per style; a target mask (the content's size, 0..1)
+    says where on the content the style applies, a style mask which part of the style image to take colours
+    from. Each style's colour map is fitted between the content inside its target region and the style inside
+    its style region. A pixel takes the styles' maps blended by weight x target mask, mixed with its own colour
+    where the target masks cover it only partly or not at all. Returns (1, 3, H, W) in 0..1.
+    """
+    blend_weight = content.new_zeros(1, 1, *content.shape[-2:])
+    coverage = torch.zeros_like(blend_weight)
+    blended = torch.zeros_like(content)
+    for style, weight, target_mask, style_mask in sources:
+        region = content.new_ones(content.shape[-2:]) if target_mask is None else target_mask.to(content)
+        if weight <= 0 or float(region.sum()) <= 0:
+            continue
+        transform, offset = colour_map(colour_statistics(content, region), colour_statistics(style, style_mask))
+        blended = blended + weight * region * apply_colour_map(content, transform, offset)
+        blend_weight = blend_weight + weight * region
+        coverage = coverage + region
+    coverage = coverage.clamp(0, 1)
+    recoloured = blended / blend_weight.clamp_min(1e-12)
+    return (coverage * recoloured + (1 - coverage) * content).clamp(0, 1)

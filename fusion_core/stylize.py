@@ -7,10 +7,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .colour import COLOR_MODES, grey, luminance_only, match_histogram, recombine_chroma, rgb_to_yiq
-from .config import GlobalStyle, LocalStyle, Progress, Settings, StyleTerm
+from .colour import COLOR_MODES, grey, luminance_only, match_histogram, recolour, recombine_chroma, rgb_to_yiq
+from .config import INITS, LOCAL_MIN_STYLE_SIDE, GlobalStyle, LocalStyle, Progress, Settings, StyleTerm
 from .errors import Cancelled, FusionError
 from .functional import patch_weights
 from .images import check_image, check_mask, resize, resize_mask
@@ -22,8 +23,8 @@ from .precision import autocast, full_precision, into_half, mixed_dtype, out_of_
 from .pyramid import fit_longest, level_shapes
 from .vgg import VGGFeatures
 
-INITS = ("random", "content")
 OPTIMIZERS = ("lbfgs", "adam")
+BORDER_FRACTION = 1 / 64  # of a level's longest side: the mirrored margin it is optimised with (border_margin)
 
 
 class Criterion:
@@ -101,17 +102,30 @@ def stylize(
         content = check_image("content", content).clone()
         styles = _checked_styles(styles)
         _check_settings(vgg, styles, settings)
+        if settings.global_layers is not None:
+            styles = [replace(t, layers=settings.global_layers) if isinstance(t, GlobalStyle) else t for t in styles]
         shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)
         _check_sizes(styles, settings, shapes)
-        check_memory(vgg, shapes[-1], styles, settings)
+        margin = border_margin(shapes[-1])
+        check_memory(vgg, (shapes[-1][0] + 2 * margin, shapes[-1][1] + 2 * margin), styles, settings)
         content = content.to(vgg.device)
         target, styles = _apply_colour_mode(content, styles, settings.color)
+        start = starting_image(target, styles, settings.init)
         image = None
         steps = settings.levels * settings.iterations
         for level, shape in enumerate(shapes):
-            criterion = build_criterion(vgg, target, styles, settings, shape)
-            image = initial_image(target, shape, settings) if image is None else resize(image, shape)
-            image = _optimise_level(criterion, image, settings, level, steps, on_progress, should_stop)
+            last = level == len(shapes) - 1
+            margin = border_margin(shape)
+            level_styles = styles_at_level(styles, settings, shape, last)
+            criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin)
+            if image is None:
+                image = random_image(shape, settings.seed, vgg.device) if start is None else resize(start, shape)
+            else:
+                image = carry_up(image, shape, None if start is None else resize(start, shape))
+            canvas = _optimise_level(
+                criterion, mirror_pad(image, margin), settings, level, steps, on_progress, should_stop, margin
+            )
+            image = _inner(canvas, margin)
         image = image.clamp(0, 1)
         if settings.color == "luminance":
             image = recombine_chroma(image, resize(content, tuple(image.shape[-2:])))
@@ -132,18 +146,121 @@ def _apply_colour_mode(content: Tensor, styles: list[StyleTerm], mode: str) -> t
     return (grey(rgb_to_yiq(content)[:, :1]) if mode == "luminance" else content), styles
 
 
-def initial_image(content: Tensor, shape: tuple[int, int], settings: Settings) -> Tensor:
-    if settings.init == "content":
-        return resize(content, shape)
+def starting_image(content: Tensor, styles: Sequence[StyleTerm], init: str) -> Tensor | None:
+    """The image the optimisation starts from, at the content's size; None for a random start.
+
+    "recolored": the content in the styles' colours (``colour.recolour``; each style weighs by its weight relative
+    to its kind's default, within its target mask). Starting from the photo keeps its structure and leaves no
+    noise for the network to overlook (a noise start ends in speckle of colours in neither image); recolouring
+    it first means the optimiser need not invent the style's palette from the photo's, which the Gram loss
+    alone does with high-frequency patterns of the wrong colours rather than by repainting large areas.
+    """
+    if init == "random":
+        return None
+    if init == "content":
+        return content
+    sources: dict[tuple[int, int, int], list] = {}  # per style image and masks: (image, weight, masks)
+    for style in styles:
+        if style.weight <= 0:
+            continue
+        key = (id(style.image), id(style.target_mask), id(style.style_mask))
+        default = type(style).__dataclass_fields__["weight"].default
+        source = sources.setdefault(key, [style.image, 0.0, style.target_mask, style.style_mask])
+        source[1] += style.weight / default
+    shape = tuple(content.shape[-2:])
+    return recolour(
+        content,
+        [
+            (
+                image.to(content.device),
+                weight,
+                None if target_mask is None else resize_mask(target_mask, shape),
+                None if style_mask is None else resize_mask(style_mask, tuple(image.shape[-2:])),
+            )
+            for image, weight, target_mask, style_mask in sources.values()
+        ],
+    )
+
+
+def random_image(shape: tuple[int, int], seed: int, device: torch.device) -> Tensor:
     # Drawn on the CPU so a seed gives the same start on every device.
-    generator = torch.Generator().manual_seed(settings.seed)
-    return torch.rand(1, 3, *shape, generator=generator).to(content.device)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, *shape, generator=generator).to(device)
+
+
+def carry_up(image: Tensor, shape: tuple[int, int], start: Tensor | None = None) -> Tensor:
+    """The previous level's result enlarged to ``shape``, the next level's start.
+
+    With a ``start`` image (the content, at ``shape``), the detail that the smaller level could not hold is
+    added back from it: the enlarged result alone is blurred, and the finer level would only partly sharpen it,
+    leaving the content's edges soft.
+    """
+    enlarged = resize(image, shape)
+    if start is None:
+        return enlarged
+    return enlarged + start - resize(resize(start, tuple(image.shape[-2:])), shape)
+
+
+def border_margin(shape: tuple[int, int]) -> int:
+    """Pixels of mirrored margin around a level's image while it is optimised (BORDER_FRACTION of its longest side,
+    at least 4), cropped off afterwards.
+
+    The outermost pixels of an image are seen by fewer of the network's windows than any other, so they are the
+    least held by the losses, and the optimiser paints them with stripes of colours in neither image. With a
+    margin, every pixel of the picture is an inner one; the margin itself, optimised with the rest, is dropped.
+    """
+    return max(4, round(max(shape) * BORDER_FRACTION))
+
+
+def mirror_pad(image: Tensor, margin: int) -> Tensor:
+    """``image`` with a ``margin`` px border mirrored from its edges (repeated where the image is narrower)."""
+    if margin == 0:
+        return image
+    mode = "reflect" if min(image.shape[-2:]) > margin else "replicate"
+    return F.pad(image, (margin,) * 4, mode=mode)
+
+
+def styles_at_level(
+    styles: Sequence[StyleTerm], settings: Settings, shape: tuple[int, int], last: bool
+) -> list[StyleTerm]:
+    """The style terms used at a level of output ``shape``.
+
+    Unless ``settings.local_all_levels``, the local terms start at the first level whose style image is
+    LOCAL_MIN_STYLE_SIDE px on its longest side (always at the last level): below that a patch of the local
+    loss (32 px for 3x3 patches on relu3_1) is a whole motif of the style, a face or a hat, which the
+    nearest-patch pull would paste into the photo's sky or water. The coarse levels, which lay out colour and
+    large forms, are left to the global and content terms.
+    """
+    if settings.local_all_levels or last:
+        return list(styles)
+    return [
+        style
+        for style in styles
+        if not isinstance(style, LocalStyle) or round(max(shape) * style.scale) >= LOCAL_MIN_STYLE_SIDE
+    ]
 
 
 def build_criterion(
-    vgg: VGGFeatures, content: Tensor, styles: Sequence[StyleTerm], settings: Settings, shape: tuple[int, int]
+    vgg: VGGFeatures,
+    content: Tensor,
+    styles: Sequence[StyleTerm],
+    settings: Settings,
+    shape: tuple[int, int],
+    *,
+    margin: int = 0,
 ) -> Criterion:
-    """Targets for one level: content features, style Grams and style patch banks at this size."""
+    """Targets for one level: content features, style Grams and style patch banks at this size.
+
+    With a ``margin``, the criterion scores the image of ``shape`` with that mirrored border around it (see
+    ``border_margin``): the content and the target masks get the same border.
+    """
+    canvas = (shape[0] + 2 * margin, shape[1] + 2 * margin)
+
+    def on_canvas(mask: Tensor | None) -> Tensor | None:
+        if mask is None or margin == 0:
+            return mask
+        return F.pad(resize_mask(mask, shape)[None, None], (margin,) * 4, mode="replicate")[0, 0]
+
     with torch.no_grad():
         terms: list[tuple[str, float, torch.nn.Module]] = []
         feature_cache: dict[tuple[int, float], dict[str, Tensor]] = {}
@@ -161,7 +278,9 @@ def build_criterion(
         for style in active:
             layers = style.layers if isinstance(style, GlobalStyle) else (style.layer,)
             features = style_features(style, layers)
-            target_masks = _masks_at(style.target_mask, {l: _feature_shape(shape, l) for l in layers}, content.device)
+            target_masks = _masks_at(
+                on_canvas(style.target_mask), {l: _feature_shape(canvas, l) for l in layers}, content.device
+            )
             style_masks = _masks_at(
                 style.style_mask, {l: tuple(f.shape[-2:]) for l, f in features.items()}, content.device
             )
@@ -191,7 +310,7 @@ def build_criterion(
             terms.append(("local", style.weight, module))
         if settings.content_weight > 0:
             layer = settings.content_layer
-            target = vgg(resize(content, shape), [layer])[layer]
+            target = vgg(mirror_pad(resize(content, shape), margin), [layer])[layer]
             energies = [float(style_features(style, [layer])[layer].square().mean()) for style in active]
             energy = sum(energies) / len(energies) if energies else float(target.square().mean())
             terms.append(("content", settings.content_weight, ContentLoss(layer, target, energy)))
@@ -206,7 +325,9 @@ def _optimise_level(
     steps: int,
     on_progress: Callable[[Progress], None] | None,
     should_stop: Callable[[], bool] | None,
+    margin: int = 0,
 ) -> Tensor:
+    """Optimise ``image`` (with its ``margin``, which previews leave out) against ``criterion``."""
     image = image.detach().clone().requires_grad_(True)
     if settings.optimizer == "adam":
         optimizer = torch.optim.Adam([image], lr=settings.learning_rate or 0.02)
@@ -252,10 +373,14 @@ def _optimise_level(
                     step=step,
                     steps=steps,
                     losses=dict(last),
-                    image=image.detach().clamp(0, 1).clone() if preview else None,
+                    image=_inner(image, margin).detach().clamp(0, 1).clone() if preview else None,
                 )
             )
     return image.detach()
+
+
+def _inner(image: Tensor, margin: int) -> Tensor:
+    return image[..., margin : image.shape[-2] - margin, margin : image.shape[-1] - margin]
 
 
 def _make_autograd_ready(vgg: VGGFeatures) -> None:
@@ -316,8 +441,9 @@ def _check_settings(vgg: VGGFeatures, styles: Sequence[StyleTerm], settings: Set
         raise FusionError(f"optimizer: {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if settings.color not in COLOR_MODES:
         raise FusionError(f"color: {settings.color!r} is not one of {', '.join(COLOR_MODES)}")
-    if not isinstance(settings.mixed_precision, bool):  # a string such as "false" would read as on
-        raise FusionError(f"mixed_precision: expected True or False, got {settings.mixed_precision!r}")
+    for name in ("mixed_precision", "local_all_levels"):  # a string such as "false" would read as on
+        if not isinstance(getattr(settings, name), bool):
+            raise FusionError(f"{name}: expected True or False, got {getattr(settings, name)!r}")
     if settings.learning_rate is not None and not (
         isinstance(settings.learning_rate, (int, float)) and 0 < settings.learning_rate < math.inf
     ):
@@ -325,6 +451,10 @@ def _check_settings(vgg: VGGFeatures, styles: Sequence[StyleTerm], settings: Set
     weight("content_weight", settings.content_weight)
     weight("tv_weight", settings.tv_weight)
     vgg.check_layers([settings.content_layer])
+    if settings.global_layers is not None:
+        if not settings.global_layers or isinstance(settings.global_layers, str):
+            raise FusionError(f"global_layers: give a tuple of at least one layer, got {settings.global_layers!r}")
+        vgg.check_layers(settings.global_layers)
     for i, style in enumerate(styles):
         weight(f"styles[{i}].weight", style.weight)
         if not (isinstance(style.scale, (int, float)) and 0.05 <= style.scale <= 8):

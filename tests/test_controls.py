@@ -1,14 +1,18 @@
 """User controls: masks, colour modes, several styles with blend weights, style scale, optimiser choice."""
 
+import sys
+
 import pytest
 import torch
 from helpers import IMAGES, TRAINED_VGG16, smooth_image, tiny_vgg
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize
-from fusion_core.colour import match_histogram, rgb_to_yiq
+from fusion_core.colour import colour_map, colour_statistics, match_histogram, recolour, rgb_to_yiq
 from fusion_core.functional import gram_matrix, patch_grid
 from fusion_core.images import resize, resize_mask
-from fusion_core.stylize import build_criterion
+from fusion_core.stylize import build_criterion, starting_image
+
+stylize_module = sys.modules["fusion_core.stylize"]  # the package's ``stylize`` attribute is the function
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +198,102 @@ def test_two_styles_in_two_regions_follow_their_own_style():
                 distance[region_name, style_name] = distance.get((region_name, style_name), 0) + d / 4
     assert distance["left", "blue"] < distance["left", "bright"]
     assert distance["right", "bright"] < distance["right", "blue"]
+
+
+# --- the default start: the content in the style's colours ---
+
+
+def colour_stats(image, weight=None):
+    pixels = image[0].reshape(3, -1).double()
+    w = torch.ones(pixels.shape[1], dtype=torch.float64) if weight is None else weight.reshape(-1).double()
+    w = w / w.sum()
+    mean = (pixels * w).sum(1)
+    centred = pixels - mean[:, None]
+    return mean, (centred * w) @ centred.T
+
+
+def test_colour_map_is_the_least_moving_map_between_the_colour_statistics(images):
+    content, style, _ = images
+    source, target = colour_stats(content), colour_stats(style)
+    transform, offset = colour_map((source[0][:, None], source[1]), (target[0][:, None], target[1]))  # content -> style
+    # It gives the target's mean and covariance exactly ...
+    mapped = transform @ content[0].reshape(3, -1).double() + offset
+    torch.testing.assert_close(mapped.mean(1), target[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cov(mapped, correction=0), target[1], rtol=1e-8, atol=1e-12)
+    # ... and, as the Monge-Kantorovich map, is symmetric positive definite (any other linear map with these
+    # statistics is this one times a rotation, which moves colours further).
+    torch.testing.assert_close(transform, transform.T, rtol=0, atol=1e-10)
+    assert torch.linalg.eigvalsh(transform).min() > 0
+    rotation = torch.linalg.matrix_exp(torch.tensor([[0.0, -0.3, 0.1], [0.3, 0.0, -0.2], [-0.1, 0.2, 0.0]]).double())
+    rotated = (
+        transform @ torch.linalg.cholesky(source[1]) @ rotation @ torch.linalg.inv(torch.linalg.cholesky(source[1]))
+    )
+    pixels = content[0].reshape(3, -1).double()
+
+    def moved(a):
+        return ((a @ (pixels - source[0][:, None]) + target[0][:, None]) - pixels).square().sum(0).mean()
+
+    torch.testing.assert_close(torch.cov(rotated @ pixels, correction=0), target[1], rtol=1e-8, atol=1e-12)
+    assert moved(transform) < moved(rotated)
+
+
+def test_recolour_gives_each_region_its_style_colours_and_keeps_uncovered_pixels():
+    content = smooth_image(40, 60, seed=21) * 0.6 + 0.2
+    red, blue = torch.zeros(1, 3, 30, 30), torch.zeros(1, 3, 30, 30)
+    red[:, 0] = torch.linspace(0.5, 0.9, 30)[None, :]  # reds, varying in one direction only
+    blue[:, 2] = torch.linspace(0.4, 0.8, 30)[:, None]
+    left = torch.zeros(40, 60)
+    left[:, :20] = 1
+    right = torch.zeros(40, 60)
+    right[:, 40:] = 1
+    out = recolour(content, [(red, 1.0, left, None), (blue, 3.0, right, None)])
+    # Where one style applies, its colour statistics, computed over that region of the content.
+    for region, style in ((left, red), (right, blue)):
+        expected = colour_map(colour_statistics(content, region), colour_statistics(style))
+        inside = region.bool()
+        mapped = (expected[0] @ content[0].reshape(3, -1).double() + expected[1]).clamp(0, 1).reshape(3, 40, 60)
+        torch.testing.assert_close(out[0][:, inside].double(), mapped[:, inside], rtol=0, atol=1e-6)
+    # The middle third is covered by no mask: the content's own colours.
+    torch.testing.assert_close(out[..., 20:40], content[..., 20:40], rtol=0, atol=0)
+    # Blend weights matter only where masks overlap: there the heavier style dominates.
+    both = recolour(content, [(red, 1.0, None, None), (blue, 3.0, None, None)])
+    assert float(both[:, 2].mean()) > float(both[:, 0].mean())
+
+
+def test_recolour_takes_colours_only_from_the_style_mask():
+    content = smooth_image(32, 32, seed=5)
+    style = torch.zeros(1, 3, 32, 32)
+    style[..., :16] = torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1)  # red left half
+    style[..., 16:] = torch.tensor([0.1, 0.1, 0.9]).view(1, 3, 1, 1)  # blue right half
+    style = style + 0.05 * smooth_image(32, 32, seed=6)
+    only_blue = torch.zeros(32, 32)
+    only_blue[:, 16:] = 1
+    out = recolour(content, [(style, 1.0, None, only_blue)])
+    mean = out[0].reshape(3, -1).mean(1)
+    assert mean[2] > 0.8 and mean[0] < 0.2
+
+
+def test_the_default_start_is_the_recoloured_content_and_random_is_noise(vgg, images, monkeypatch):
+    content, style, _ = images
+    terms = [GlobalStyle(style), LocalStyle(style)]
+    start = starting_image(content, terms, "recolored")
+    torch.testing.assert_close(start, recolour(content, [(style, 2.0, None, None)]))
+    assert starting_image(content, terms, "content") is content
+    assert starting_image(content, terms, "random") is None
+    # A term's weight counts relative to its kind's default: a2 = 1e-4 weighs as much as a1 = 20.
+    other = smooth_image(56, 56, seed=30)
+    mixed = starting_image(content, [GlobalStyle(style), LocalStyle(other)], "recolored")
+    torch.testing.assert_close(mixed, recolour(content, [(style, 1.0, None, None), (other, 1.0, None, None)]))
+    # The first level starts from it, at the level's size; each later level from the one before (carry_up).
+    seen = []
+    original = stylize_module._optimise_level
+
+    def spy(criterion, image, *args):
+        seen.append(image.clone())
+        return original(criterion, image, *args)
+
+    monkeypatch.setattr(stylize_module, "_optimise_level", spy)
+    stylize(vgg, content, terms, Settings(size=64, levels=2, iterations=2))
+    # Each level is optimised with a mirrored margin of 4 px (border_margin) around it.
+    torch.testing.assert_close(seen[0], stylize_module.mirror_pad(resize(start, (24, 32)), 4))
+    assert seen[1].shape == (1, 3, 48 + 8, 64 + 8)

@@ -102,8 +102,16 @@ def test_gradient_under_autocast_matches_a_plain_pass():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, grad = image_gradient(vgg, image, layers, weights)
         _, reference_grad = image_gradient(lambda i, l: plain_forward(vgg, i, l), image, layers, weights)
+    _, exact = image_gradient(lambda i, l: plain_forward(vgg, i, l), image, layers, weights)
     assert ours["relu3_1"].dtype == torch.bfloat16 and grad.dtype == torch.float32
-    torch.testing.assert_close(grad, reference_grad, rtol=0.05, atol=1e-3 * reference_grad.abs().max().item())
+
+    def error(g, against):
+        return float((g - against).norm() / against.norm())
+
+    # Element by element the two 16-bit passes round differently (how, depends on the CPU's instructions), so
+    # they are compared as whole gradients: close to each other, and as close to float32 as autograd's own.
+    assert error(grad, reference_grad) < 0.03
+    assert error(grad, exact) < 1.2 * error(reference_grad, exact) + 1e-3
 
 
 def test_keeps_under_half_of_what_a_plain_pass_keeps():
