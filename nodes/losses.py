@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..fusion_core.config import GLOBAL_LAYERS, GlobalStyle, LocalStyle
+from ..fusion_core.config import GLOBAL_LAYERS, PAPER_GLOBAL_LAYERS, GlobalStyle, LocalStyle
 from .common import CATEGORY, LAYERS, STYLE_LOSSES, chain, parse_layers
 from .tensors import single_mask, split_images
 
@@ -90,8 +90,9 @@ class FusionStyleGlobalStyleLoss(_StyleLoss):
                     "STRING",
                     {
                         "default": ",".join(GLOBAL_LAYERS),
-                        "tooltip": f"Comma-separated VGG layers whose Gram matrices are matched. Valid: "
-                        f"{', '.join(LAYERS)}.",
+                        "tooltip": "Comma-separated VGG layers whose Gram matrices are matched (the paper used "
+                        f"{','.join(PAPER_GLOBAL_LAYERS)}; Fused Style Optimize's preset 'paper' sets them back). "
+                        f"Valid: {', '.join(LAYERS)}.",
                     },
                 ),
                 "style_scale": STYLE_SCALE,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..fusion_core.colour import COLOR_MODES
-from ..fusion_core.config import Settings
+from ..fusion_core.config import INITS, PRESETS, Settings
 from ..fusion_core.errors import Cancelled, FusionError
 from ..fusion_core.images import to_pil
 from ..fusion_core.matching import MATCHERS
 from ..fusion_core.memory import estimate_bytes
 from ..fusion_core.pyramid import fit_longest
-from ..fusion_core.stylize import INITS, OPTIMIZERS, stylize
+from ..fusion_core.stylize import OPTIMIZERS, stylize
 from . import comfy
 from .common import CATEGORY, LAYERS, STYLE_LOSSES
 from .tensors import join_images, split_images
@@ -92,8 +92,10 @@ class FusionStyleFusedOptimize:
                     list(INITS),
                     {
                         "default": _DEFAULTS.init,
-                        "tooltip": "Start from noise ('random', the paper) or from the content image ('content', "
-                        "closer to the photo).",
+                        "tooltip": "Where the optimisation starts: 'recolored', the content image in the style's "
+                        "colours (clean, keeps the photo's structure); 'content', the content image as it is "
+                        "(keeps more of its colours); 'random', noise (the paper; needs more iterations and leaves "
+                        "more speckle).",
                     },
                 ),
                 "seed": (
@@ -176,6 +178,15 @@ class FusionStyleFusedOptimize:
                         "throughout.",
                     },
                 ),
+                "preset": (
+                    list(PRESETS),
+                    {
+                        "default": "default",
+                        "tooltip": "'paper': the paper's own set-up, overriding init (random), tv_weight (0) and "
+                        "using the local loss on every pyramid level; 'default' uses the inputs as they are, with "
+                        "the local loss only on levels where the style image is at least 256 px.",
+                    },
+                ),
             },
         }
 
@@ -198,8 +209,12 @@ class FusionStyleFusedOptimize:
         matcher=None,
         rematch_every=None,
         mixed_precision=None,
+        preset=None,
     ):
-        settings = Settings(
+        preset = preset or "default"
+        if preset not in PRESETS:
+            raise FusionError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
+        inputs = dict(
             content_weight=content_weight,
             content_layer=content_layer,
             size=size,
@@ -216,6 +231,7 @@ class FusionStyleFusedOptimize:
             mixed_precision=_DEFAULTS.mixed_precision if mixed_precision is None else bool(mixed_precision),
             preview_every=PREVIEW_EVERY,
         )
+        settings = Settings(**{**inputs, **PRESETS[preset]})  # the preset's settings win over the widgets
         contents = split_images("content_image", content_image)
         steps = levels * iterations
         update = comfy.progress_bar(steps * len(contents))

@@ -14,6 +14,8 @@ from fusion_core import cli
 from fusion_core.cli import main
 from fusion_core.vgg import torchvision_conv_indices
 
+PAPER_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_2")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -127,3 +129,22 @@ def test_mixed_precision_flag_reaches_the_settings(files, monkeypatch, flag, exp
     monkeypatch.setattr(cli, "stylize", fake_stylize)
     assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flag) == 0
     assert captured[0].mixed_precision is expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], ("recolored", 10.0, False, None)),
+        (["--preset", "paper"], ("random", 0.0, True, PAPER_LAYERS)),
+        (["--preset", "paper", "--init", "content", "--tv-weight", "5"], ("content", 5.0, True, PAPER_LAYERS)),
+        (["--init", "random"], ("random", 10.0, False, None)),
+    ],
+)
+def test_preset_and_explicit_flags_reach_the_settings(files, monkeypatch, flags, expected):
+    captured = []
+    monkeypatch.setattr(
+        cli, "stylize", lambda vgg, content, styles, settings, **kw: captured.append(settings) or content
+    )
+    assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
+    s = captured[0]
+    assert (s.init, s.tv_weight, s.local_all_levels, s.global_layers) == expected

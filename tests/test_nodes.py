@@ -17,6 +17,7 @@ import fusion_style
 import pytest
 import torch
 from fusion_style.fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, VGGFeatures, random_vgg
+from fusion_style.fusion_core.config import INITS, PRESETS
 from fusion_style.fusion_core.matching import MATCHERS
 from fusion_style.fusion_core.stylize import OPTIMIZERS
 from fusion_style.fusion_core.vgg import torchvision_conv_indices
@@ -407,6 +408,9 @@ def test_optimize_new_inputs_default_to_the_library_defaults():
     assert optional["optimizer"][0] == list(OPTIMIZERS) and optional["matcher"][0] == list(MATCHERS)
     for name in ("color", "optimizer", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
         assert optional[name][1]["default"] == getattr(defaults, name), name
+    required = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["required"]
+    assert required["init"][0] == list(INITS) and required["init"][1]["default"] == defaults.init
+    assert optional["preset"][0] == list(PRESETS) and optional["preset"][1]["default"] == "default"
     assert defaults.learning_rate is None and optional["learning_rate"][1]["default"] == 0  # 0 stands for None
     assert optional["tv_weight"][1]["min"] == optional["learning_rate"][1]["min"] == 0
     assert optional["rematch_every"][1]["min"] == 1
@@ -440,6 +444,17 @@ def test_optimize_optimiser_inputs_reach_fusion_core(monkeypatch, vgg):
     defaults, omitted = Settings(), capture_settings(monkeypatch, vgg)  # an old workflow without the new inputs
     for name in ("color", "optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
         assert getattr(omitted, name) == getattr(defaults, name), name
+    assert (omitted.local_all_levels, omitted.global_layers) == (False, None)  # no preset input: the default one
+
+
+def test_optimize_paper_preset_wins_over_the_widgets(monkeypatch, vgg):
+    settings = capture_settings(monkeypatch, vgg, init="recolored", tv_weight=10.0, preset="paper")
+    assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("random", 0.0, True)
+    assert settings.global_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_2")
+    settings = capture_settings(monkeypatch, vgg, init="content", tv_weight=3.0, preset="default")
+    assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("content", 3.0, False)
+    with pytest.raises(FusionError, match="preset: 'gatys' is not one of default, paper"):
+        capture_settings(monkeypatch, vgg, preset="gatys")
 
 
 def test_optimize_with_adam_and_tv(vgg):

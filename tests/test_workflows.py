@@ -178,9 +178,19 @@ def test_optional_tuning_inputs_are_at_the_library_defaults(workflow):
     # What a workflow does not show off stays at fusion_core's defaults (e.g. the patch matcher), so a default
     # changed in the library is a failing test here rather than workflows that quietly run the old way.
     tuning = {
-        "FusionStyleGlobalStyleLoss": ("blend",),
-        "FusionStyleLocalPatchLoss": ("blend",),
-        "FusionStyleFusedOptimize": ("optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every"),
+        "FusionStyleGlobalStyleLoss": ("layers", "blend"),
+        "FusionStyleLocalPatchLoss": ("layer", "patch_size", "stride", "blend"),
+        "FusionStyleFusedOptimize": (
+            "content_layer",
+            "init",
+            "optimizer",
+            "learning_rate",
+            "tv_weight",
+            "matcher",
+            "rematch_every",
+            "mixed_precision",
+            "preset",
+        ),
     }
     for node in workflow["nodes"]:
         if node["type"] not in tuning:
