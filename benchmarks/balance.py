@@ -1,4 +1,4 @@
-"""Gradient balance of the three loss terms at the paper's defaults (a1 = 20, a2 = 1e-4, a3 = 20).
+"""Gradient balance of the three loss terms at the defaults (a1 = 20, a2 = 1e-4, a3 = 20).
 
 Runs the pyramid up to the last level, then, at the first iteration of the last level, measures the
 norm of each weighted term's gradient with respect to the image and prints its share of their sum.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize  # noqa: E402
 from fusion_core.images import resize  # noqa: E402
 from fusion_core.pyramid import level_shapes  # noqa: E402
-from fusion_core.stylize import build_criterion  # noqa: E402
+from fusion_core.stylize import build_criterion, carry_up, starting_image, styles_at_level  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PAIRS = [
@@ -35,8 +35,12 @@ def gradient_shares(vgg, content, style, settings: Settings) -> dict[str, float]
     styles = [GlobalStyle(style), LocalStyle(style)]
     shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)
     coarse = Settings(**{**vars(settings), "size": max(shapes[-2]), "levels": settings.levels - 1})
-    image = resize(stylize(vgg, content, styles, coarse), shapes[-1])
-    criterion = build_criterion(vgg, content, styles, settings, shapes[-1])
+    # What the last level starts from, as stylize() makes it (the coarse levels' result, carried up).
+    start = starting_image(content, styles, settings.init)
+    image = carry_up(
+        stylize(vgg, content, styles, coarse), shapes[-1], None if start is None else resize(start, shapes[-1])
+    )
+    criterion = build_criterion(vgg, content, styles_at_level(styles, settings, shapes[-1], True), settings, shapes[-1])
     norms = {}
     for kind in ("global", "local", "content"):
         x = image.clone().requires_grad_(True)

@@ -3,7 +3,8 @@
 For every content/style pair: content | style | global only | local only | fusion, at the same size, seed and
 iteration budget, with numbers under each picture (benchmarks/metrics.py: style SWD, lower = closer to the style;
 patch distance P, lower = more of the style's local detail; content distance, lower = closer to the content; SSIM of
-luminance, higher = closer to the content). For one pair,
+luminance, higher = closer to the content; palette distance, pixels only, lower = closer to the painting's colours).
+Every other setting is the library's default (or the paper's own set-up with --preset paper). For one pair,
 the a2 sweep 1e-1 ... 1e-6 with a1 = a3 = 20 (the paper's Figure 8), beside a2 = 0 (global only).
 
 Writes docs/compare_<pair>.jpg, docs/sweep_<pair>.jpg and docs/compare_results.json, and prints markdown tables.
@@ -12,6 +13,7 @@ resumes where it stopped.
 
     PYTHONPATH=. nice -n 19 python benchmarks/compare.py            # the run behind docs/RESULTS.md
     PYTHONPATH=. python benchmarks/compare.py --size 64 --levels 1 --iterations 5 --out /tmp/cmp   # a smoke test
+    (--size 64 with 3 levels is too small for relu5_1; the run says so)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize  # noqa: E402
+from fusion_core.config import PRESETS, preset  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
 from fusion_core.losses import CONTENT_SCALE, LOCAL_SCALE  # noqa: E402
 from fusion_core.pyramid import fit_longest  # noqa: E402
@@ -98,11 +101,12 @@ class Renderer:
         content, style = self.images[content_name], self.images[style_name]
         s = self.settings
         fields = [pair, method, f"{a1:g}", f"{a2:g}", s.size, s.levels, s.iterations, seed, s.matcher, s.rematch_every]
+        fields += [s.init, f"{s.tv_weight:g}", int(s.local_all_levels), "-".join(s.global_layers or ())]
         key = "_".join(str(f) for f in [*fields, self.digest])
         png, record_path = self.cache / f"{key}.png", self.cache / f"{key}.json"
         if png.is_file() and record_path.is_file():
             image, record = from_pil(Image.open(png)), json.loads(record_path.read_text())
-            if "patch_dist" not in record:  # rendered before that measure existed: measure again, keep the render
+            if "palette_dist" not in record:  # rendered before that measure existed: measure again, keep the render
                 record.update(self.measure(image, content, style))
                 record_path.write_text(json.dumps(record, indent=1))
             self.records[key] = record
@@ -167,7 +171,7 @@ def caption(numbers: dict | None) -> str:
         return ""
     return (
         f"SWD {numbers['style_swd']:.3f}  P {numbers['patch_dist']:.3f}  dC {numbers['content_dist']:.3f}  "
-        f"SSIM {numbers['ssim']:.3f}"
+        f"SSIM {numbers['ssim']:.3f}  pal {numbers['palette_dist']:.3f}"
     )
 
 
@@ -201,24 +205,27 @@ def strip(tiles: list[Image.Image], path: Path, quality: int) -> None:
 
 def row(label: str, r: dict) -> str:
     time_s = f"{r['seconds']:.0f}" if "seconds" in r else "-"
-    cells = f"{r['style_swd']:.3f} | {r['patch_dist']:.3f} | {r['content_dist']:.3f} | {r['ssim']:.3f}"
+    cells = " | ".join(f"{r[k]:.3f}" for k in ("style_swd", "patch_dist", "content_dist", "ssim", "palette_dist"))
     return f"| {label} | {cells} | {time_s} |"
 
 
 HEADER = (
     "| {} | style SWD (lower = closer to style) | patch dist (lower = more style detail) "
-    "| content dist (lower = closer) | SSIM (higher = closer) | s |"
+    "| content dist (lower = closer) | SSIM (higher = closer) | palette dist (lower = closer to style) | s |"
 )
-RULE = "|---|---|---|---|---|---|"
+RULE = "|---|---|---|---|---|---|---|"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=str(SHARED / "models" / "vgg16_hed_caffe_fp16.safetensors"))
     parser.add_argument("--images", default=str(SHARED / "images"), help="folder holding the content/style images")
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), default="default", help="the library's or the paper's set-up"
+    )
     parser.add_argument("--size", type=int, default=256, help="longest side of the output (default 256)")
     parser.add_argument("--levels", type=int, default=3, help="pyramid levels (default 3)")
-    parser.add_argument("--iterations", type=int, default=60, help="L-BFGS iterations per level (default 60)")
+    parser.add_argument("--iterations", type=int, default=100, help="L-BFGS iterations per level (default 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the JPEGs and the JSON (default docs/)")
     parser.add_argument("--cache", default=None, help="cached renders (default: <temp>/fusion_style_compare)")
@@ -247,7 +254,7 @@ def main() -> None:
     names = {name for pair in args.pairs + [args.sweep_pair] if pair in PAIRS for name in PAIRS[pair]}
     images = {name: load_image(images_dir / name) for name in sorted(names)}
     vgg = load_vgg(args.weights)
-    settings = Settings(size=args.size, levels=args.levels, iterations=args.iterations, seed=args.seed)
+    settings = preset(args.preset, size=args.size, levels=args.levels, iterations=args.iterations, seed=args.seed)
     renderer = Renderer(vgg, images, settings, Path(args.cache or Path(tempfile.gettempdir()) / "fusion_style_compare"))
     started = time.perf_counter()
     results: dict = {
@@ -258,6 +265,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "weights": Path(args.weights).name,
+        "preset": args.preset,
         "settings": {k: v for k, v in vars(settings).items()},
         "defaults": {"a1": A1, "a2": A2, "LOCAL_SCALE": LOCAL_SCALE, "CONTENT_SCALE": CONTENT_SCALE},
         "metrics": {
@@ -269,6 +277,8 @@ def main() -> None:
             "patch_dist": "1 - mean cosine of each output 3x3 patch with its most similar style patch (exhaustive), "
             f"on "
             f"{', '.join(metrics.PATCH_LAYERS)}, mean over layers; lower = more style-like local detail",
+            "palette_dist": f"sliced W2 between the RGB pixels of output and style, both at {metrics.PALETTE_SIZE} px; "
+            "lower = closer to the painting's colours",
         },
         "pairs": {},
         "sweep": None,
@@ -338,7 +348,7 @@ def main() -> None:
             for m, records in spread.items():
                 cells = [
                     f"{min(r[k] for r in records):.3f} - {max(r[k] for r in records):.3f}"
-                    for k in ("style_swd", "patch_dist", "content_dist", "ssim")
+                    for k in ("style_swd", "patch_dist", "content_dist", "ssim", "palette_dist")
                 ]
                 lines.append(f"| {m} | {' | '.join(cells)} | - |")
             tables.append("\n".join(lines))

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize  # noqa: E402
+from fusion_core.config import PRESETS  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
 from fusion_core.pyramid import fit_longest  # noqa: E402
 
@@ -102,11 +103,12 @@ def main() -> None:
         panels += [panel(default, "scale 1 (default)"), panel(run(fused(starry, scale=2.0)), "scale 2")]
         row(panels, out / "control_scale.jpg")
 
-    if "optimiser" in rows:  # optimiser, initialisation and total variation
-        panels = [panel(default, "L-BFGS, random init")]
-        panels += [panel(run(fused(starry), init="content"), "L-BFGS, content init")]
-        panels += [panel(run(fused(starry), optimizer="adam"), "Adam, random init")]
-        panels += [panel(run(fused(starry), tv_weight=20.0), "TV weight 20")]
+    if "optimiser" in rows:  # start, optimiser and total variation
+        panels = [panel(default, "default (recolored start)")]
+        panels += [panel(run(fused(starry), init="content"), "init content")]
+        panels += [panel(run(fused(starry), tv_weight=0.0), "TV weight 0")]
+        panels += [panel(run(fused(starry), optimizer="adam"), "Adam")]
+        panels += [panel(run(fused(starry), **PRESETS["paper"]), "preset paper (random start)")]
         row(panels, out / "control_optimiser.jpg")
     print(f"done in {time.monotonic() - start:.0f} s")
 
