@@ -170,22 +170,23 @@ def caption(numbers: dict | None) -> str:
     if numbers is None:
         return ""
     return (
-        f"SWD {numbers['style_swd']:.3f}  P {numbers['patch_dist']:.3f}  dC {numbers['content_dist']:.3f}  "
-        f"SSIM {numbers['ssim']:.3f}  pal {numbers['palette_dist']:.3f}"
+        f"SWD {numbers['style_swd']:.3f}  P {numbers['patch_dist']:.3f}  dC {numbers['content_dist']:.3f}\n"
+        f"SSIM {numbers['ssim']:.3f}  palette {numbers['palette_dist']:.3f}"
     )
 
 
 def tile(image: torch.Tensor, box: tuple[int, int], title: str, line: str) -> Image.Image:
-    """The image fitted in a (width, height) box, with a title and a line of numbers below."""
+    """The image fitted in a (width, height) box, with a title and lines of numbers below."""
     width, height = box
     text = max(10, width // 22)
-    cell = Image.new("RGB", (width, height + 2 * text + 10), "white")
+    lines = [title, *line.split("\n")]
+    cell = Image.new("RGB", (width, height + len(lines) * (text + 3) + 4), "white")
     picture = to_pil(image)
     picture.thumbnail((width, height), Image.LANCZOS)
     cell.paste(picture, ((width - picture.width) // 2, (height - picture.height) // 2))
     draw = ImageDraw.Draw(cell)
-    draw.text((4, height + 2), title, fill="black", font=font(text))
-    draw.text((4, height + text + 5), line, fill="black", font=font(text))
+    for i, words in enumerate(lines):
+        draw.text((4, height + 2 + i * (text + 3)), words, fill="black", font=font(text))
     return cell
 
 
