@@ -20,7 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize  # noqa: E402
 from fusion_core.images import resize  # noqa: E402
 from fusion_core.pyramid import level_shapes  # noqa: E402
-from fusion_core.stylize import build_criterion, carry_up, starting_image, styles_at_level  # noqa: E402
+from fusion_core.stylize import (  # noqa: E402
+    border_margin,
+    build_criterion,
+    carry_up,
+    mirror_pad,
+    starting_image,
+    styles_at_level,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PAIRS = [
@@ -40,10 +47,12 @@ def gradient_shares(vgg, content, style, settings: Settings) -> dict[str, float]
     image = carry_up(
         stylize(vgg, content, styles, coarse), shapes[-1], None if start is None else resize(start, shapes[-1])
     )
-    criterion = build_criterion(vgg, content, styles_at_level(styles, settings, shapes[-1], True), settings, shapes[-1])
+    margin = border_margin(shapes[-1])
+    level_styles = styles_at_level(styles, settings, shapes[-1], True)
+    criterion = build_criterion(vgg, content, level_styles, settings, shapes[-1], margin=margin)
     norms = {}
     for kind in ("global", "local", "content"):
-        x = image.clone().requires_grad_(True)
+        x = mirror_pad(image.clone(), margin).requires_grad_(True)
         criterion(x, rematch=True)[kind].backward()
         norms[kind] = float(x.grad.norm())
     total = sum(norms.values())
