@@ -29,14 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import metrics  # noqa: E402
+from compare import font, from_pil, source_digest  # noqa: E402
 
 from fusion_core import GlobalStyle, LocalStyle, load_image, load_vgg, stylize  # noqa: E402
 from fusion_core.config import PRESETS, preset  # noqa: E402
@@ -73,17 +73,6 @@ def pairs() -> dict[str, dict]:
     return found
 
 
-def source_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "fusion_core").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def from_pil(picture: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-
-
 def measure(vgg, output: torch.Tensor, content: torch.Tensor, style: torch.Tensor) -> dict[str, float]:
     """The four numbers of one image, every image at MEASURE_SIZE px on its long side."""
     output = resize(output, fit_longest(output.shape[-2], output.shape[-1], MEASURE_SIZE))
@@ -103,13 +92,6 @@ def verdict(ours: dict, reference: dict | None, photo: dict) -> tuple[bool, str]
     }
     ok = all(ours[key] <= limit for key, limit in limits.items())
     return ok, ", ".join(f"{key} <= {limit:.3f}" for key, limit in limits.items())
-
-
-def font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default(size)
 
 
 def sheet(images: list[tuple[str, torch.Tensor | Image.Image]], path: Path, height: int = 384) -> None:
