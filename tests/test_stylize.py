@@ -337,12 +337,13 @@ def test_the_balance_of_the_terms_does_not_move_when_the_activations_are_scaled(
             conv.bias.mul_(k)
             if i == 0:
                 conv.weight.mul_(k)
-    terms = [GlobalStyle(style), LocalStyle(style)]
+    mask = torch.linspace(0, 1, 56).expand(40, 56)  # a soft region, through the mirrored margin as stylize runs
+    terms = [GlobalStyle(style, target_mask=mask), LocalStyle(style, target_mask=mask)]
     settings = Settings(tv_weight=10.0)
     values, gradients = [], []
     for network in (plain, scaled):
-        criterion = build_criterion(network, content, terms, settings, (40, 56))
-        x = smooth_image(40, 56, seed=9).requires_grad_(True)  # not the content: every term is non-zero
+        criterion = build_criterion(network, content, terms, settings, (40, 56), margin=4)
+        x = smooth_image(48, 64, seed=9).requires_grad_(True)  # not the content: every term is non-zero
         result = criterion(x, rematch=True)
         result["total"].backward()
         values.append({name: float(v.detach()) for name, v in result.items()})
