@@ -7,7 +7,7 @@
   then stylise as usual.
 
 The same colour map, the other way round, gives the default start of the optimisation: the content in the
-style's colours (``stylize.initial_image``).
+style's colours (``stylize.starting_image``).
 """
 
 from __future__ import annotations

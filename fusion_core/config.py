@@ -84,11 +84,16 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-def preset(name: str, **changes: object) -> Settings:
-    """Settings of preset ``name`` ("default" or "paper"), with ``changes`` on top."""
+def preset_fields(name: str) -> dict[str, object]:
+    """The Settings fields that preset ``name`` ("default" or "paper") sets."""
     if name not in PRESETS:
         raise FusionError(f"preset: {name!r} is not one of {', '.join(PRESETS)}")
-    return Settings(**{**PRESETS[name], **changes})
+    return dict(PRESETS[name])
+
+
+def preset(name: str, **changes: object) -> Settings:
+    """Settings of preset ``name`` ("default" or "paper"), with ``changes`` on top."""
+    return Settings(**{**preset_fields(name), **changes})
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from . import functional as Fn
 from .matching import prepare_search
 
-# Chosen with benchmarks/quality.py (docs/RESULTS.md): at a1 = 20, a2 = 1e-4, a3 = 20 the output keeps the
-# photo's structure about as far as the classic tools' outputs do (relu4_2 distance ~0.6-0.9) while taking the
-# style's strokes; the local term pulls as hard as it can without pasting the style's motifs into the photo.
+# Chosen with benchmarks/quality.py (docs/RESULTS.md): at a1 = 20, a2 = 1e-4, a3 = 20 the output moves about as
+# far from the photo as the classic tools' outputs do while taking the style's strokes; the local term pulls as
+# hard as it can without pasting the style's motifs into the photo.
 # Both are ratios of relative errors, so they hold for any network's activation scale.
 LOCAL_SCALE = 1e5
 CONTENT_SCALE = 0.2

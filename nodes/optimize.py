@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..fusion_core.colour import COLOR_MODES
-from ..fusion_core.config import INITS, PRESETS, Settings
+from ..fusion_core.config import INITS, PRESETS, Settings, preset_fields
 from ..fusion_core.errors import Cancelled, FusionError
 from ..fusion_core.images import to_pil
 from ..fusion_core.matching import MATCHERS
@@ -211,9 +211,6 @@ class FusionStyleFusedOptimize:
         mixed_precision=None,
         preset=None,
     ):
-        preset = preset or "default"
-        if preset not in PRESETS:
-            raise FusionError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
         inputs = dict(
             content_weight=content_weight,
             content_layer=content_layer,
@@ -231,7 +228,7 @@ class FusionStyleFusedOptimize:
             mixed_precision=_DEFAULTS.mixed_precision if mixed_precision is None else bool(mixed_precision),
             preview_every=PREVIEW_EVERY,
         )
-        settings = Settings(**{**inputs, **PRESETS[preset]})  # the preset's settings win over the widgets
+        settings = Settings(**{**inputs, **preset_fields(preset or "default")})  # the preset wins over the widgets
         contents = split_images("content_image", content_image)
         steps = levels * iterations
         update = comfy.progress_bar(steps * len(contents))
