@@ -17,17 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize  # noqa: E402
-from fusion_core.images import resize  # noqa: E402
-from fusion_core.pyramid import level_shapes  # noqa: E402
-from fusion_core.stylize import (  # noqa: E402
-    border_margin,
-    build_criterion,
-    carry_up,
-    mirror_pad,
-    starting_image,
-    styles_at_level,
-)
+import contextlib
+
+from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
+from fusion_core.stylize import stylize  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PAIRS = [
@@ -38,23 +31,26 @@ PAIRS = [
 ]
 
 
+class _Measured(Exception):
+    """Raised by the level hook once the last level is measured: nothing after it is needed."""
+
+
 def gradient_shares(vgg, content, style, settings: Settings) -> dict[str, float]:
-    styles = [GlobalStyle(style), LocalStyle(style)]
-    shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)
-    coarse = Settings(**{**vars(settings), "size": max(shapes[-2]), "levels": settings.levels - 1})
-    # What the last level starts from, as stylize() makes it (the coarse levels' result, carried up).
-    start = starting_image(content, styles, settings.init)
-    image = carry_up(
-        stylize(vgg, content, styles, coarse), shapes[-1], None if start is None else resize(start, shapes[-1])
-    )
-    margin = border_margin(shapes[-1])
-    level_styles = styles_at_level(styles, settings, shapes[-1], True)
-    criterion = build_criterion(vgg, content, level_styles, settings, shapes[-1], margin=margin)
+    """Each term's share of the image gradient's norm at the first iteration of the last level, on the canvas
+    that stylize optimises there (the coarse levels' result carried up, with its mirrored margin)."""
     norms = {}
-    for kind in ("global", "local", "content"):
-        x = mirror_pad(image.clone(), margin).requires_grad_(True)
-        criterion(x, rematch=True)[kind].backward()
-        norms[kind] = float(x.grad.norm())
+
+    def measure(level, criterion, canvas):
+        if level < settings.levels - 1:
+            return
+        for kind in ("global", "local", "content"):
+            x = canvas.detach().clone().requires_grad_(True)
+            criterion(x, rematch=True)[kind].backward()
+            norms[kind] = float(x.grad.norm())
+        raise _Measured
+
+    with contextlib.suppress(_Measured):
+        stylize(vgg, content, [GlobalStyle(style), LocalStyle(style)], settings, on_level=measure)
     total = sum(norms.values())
     return {kind: norm / total for kind, norm in norms.items()}
 

@@ -51,8 +51,10 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize  # noqa: E402
+from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
+from fusion_core.criterion import build_criterion  # noqa: E402
 from fusion_core.functional import patches, positions_last  # noqa: E402
+from fusion_core.geometry import fit_longest, level_shapes  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
 from fusion_core.matching import (  # noqa: E402
     FULL_SEARCH_EVERY,
@@ -61,8 +63,7 @@ from fusion_core.matching import (  # noqa: E402
     nearest_patches,
 )
 from fusion_core.precision import mixed_dtype  # noqa: E402
-from fusion_core.pyramid import fit_longest, level_shapes  # noqa: E402
-from fusion_core.stylize import build_criterion  # noqa: E402
+from fusion_core.stylize import stylize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -17,10 +17,11 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize  # noqa: E402
+from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
 from fusion_core.config import PRESETS  # noqa: E402
+from fusion_core.geometry import fit_longest  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
-from fusion_core.pyramid import fit_longest  # noqa: E402
+from fusion_core.stylize import stylize  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ROWS = ["regions", "colour", "blend", "scale", "optimiser"]

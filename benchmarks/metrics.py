@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusion_core.functional import patches, positions_last
+from fusion_core.geometry import fit_longest
 from fusion_core.images import resize
 from fusion_core.matching import _gather_patches, nearest_patches
-from fusion_core.pyramid import fit_longest
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
 CONTENT_LAYER = "relu4_2"

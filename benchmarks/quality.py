@@ -38,10 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
 from compare import font, from_pil, source_digest  # noqa: E402
 
-from fusion_core import GlobalStyle, LocalStyle, load_image, load_vgg, stylize  # noqa: E402
+from fusion_core import GlobalStyle, LocalStyle, load_image, load_vgg  # noqa: E402
 from fusion_core.config import PRESETS, preset  # noqa: E402
+from fusion_core.geometry import fit_longest  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
-from fusion_core.pyramid import fit_longest  # noqa: E402
+from fusion_core.stylize import stylize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

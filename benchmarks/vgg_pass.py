@@ -1,7 +1,7 @@
 """One VGG forward + backward pass (the floor of every iteration) in three set-ups, timed in interleaved rounds.
 
 - float32, channels-first: the layout torch uses by default (the code before channels-last);
-- float32, channels-last: the VGG pass's layout on CPU and CUDA (``vgg.CHANNELS_LAST_DEVICES``);
+- float32, channels-last: the VGG pass's layout on CPU and CUDA (``precision.memory_format``);
 - bfloat16, channels-last: the default on a CPU with bfloat16 instructions (``precision.mixed_dtype``).
 
 The pass runs to relu4_2 with the default loss layers returned, as in a run of the default settings, on a
@@ -24,21 +24,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_core import load_vgg  # noqa: E402
 from fusion_core import vgg as vgg_module  # noqa: E402
-from fusion_core.precision import autocast, into_half, native_bfloat16, out_of_half  # noqa: E402
+from fusion_core.precision import GradientScale, autocast, native_bfloat16  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LAYERS = ("relu1_2", "relu2_2", "relu3_1", "relu3_3", "relu4_2")
 
 
 def pass_seconds(vgg, image: torch.Tensor, dtype: torch.dtype | None, channels_last: bool) -> float:
-    vgg_module.CHANNELS_LAST_DEVICES = ("cpu", "cuda") if channels_last else ()
-    half = dtype is not None
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    vgg_module.memory_format = lambda device: layout
+    scale = GradientScale(enabled=dtype is not None)
     x = image.clone().requires_grad_(True)
     start = time.perf_counter()
     with autocast(x.device, dtype):
-        features = out_of_half(vgg(into_half(x, half), LAYERS), half)
+        features = [scale.out_of_half(name, value) for name, value in vgg(scale.into_half(x), LAYERS).items()]
     # sum() / numel rather than mean(): mean's gradient comes back channels-first (see functional.content_loss)
-    sum(f.square().sum() / f.numel() for f in features.values()).backward()
+    sum(f.square().sum() / f.numel() for f in features).backward()
     return time.perf_counter() - start
 
 

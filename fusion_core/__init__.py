@@ -1,6 +1,7 @@
 """fusion_core: neural style transfer fusing a global (Gram) and a local (MRF patch) style loss.
 
-from fusion_core import load_vgg, load_image, save_image, stylize, GlobalStyle, LocalStyle, Settings
+from fusion_core import load_vgg, load_image, save_image, GlobalStyle, LocalStyle, Settings
+from fusion_core.stylize import stylize
 
 vgg = load_vgg("vgg19")                      # or a path to a .safetensors / .pth file
 content, style = load_image("cat.png"), load_image("starry_night.jpg")
@@ -8,12 +9,14 @@ image = stylize(vgg, content, [GlobalStyle(style), LocalStyle(style)], Settings(
 save_image(image, "out.png")
 """
 
+# ``stylize`` the function is imported from ``fusion_core.stylize``: bound here under the same name it would hide
+# that module (``import fusion_core.stylize as m`` would give the function), so the package names the module.
+from . import stylize
 from .config import GlobalStyle, LocalStyle, Progress, Settings, StyleTerm
 from .errors import Cancelled, FusionError
 from .images import load_image, save_image
-from .stylize import stylize
-from .vgg import VGGFeatures, random_vgg, vgg_from_state_dict
-from .weights import download_vgg19, load_vgg
+from .vgg import VGGFeatures, random_vgg
+from .weights import download_vgg19, load_vgg, vgg_from_state_dict
 
 __all__ = [
     "Cancelled",
@@ -29,6 +32,6 @@ __all__ = [
     "load_vgg",
     "random_vgg",
     "save_image",
-    "stylize",
+    "stylize",  # the module
     "vgg_from_state_dict",
 ]

@@ -9,15 +9,27 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import INITS, PRESETS, GlobalStyle, LocalStyle, Progress, Settings, preset
+from .config import (
+    COLOR_MODES,
+    INITS,
+    MATCHER_NAMES,
+    OPTIMIZERS,
+    PRESETS,
+    GlobalStyle,
+    LocalStyle,
+    Progress,
+    Settings,
+    defaults,
+    preset,
+)
 from .errors import Cancelled, FusionError
 from .images import check_output_path, load_image, save_image
-from .matching import MATCHERS
+from .precision import best_device
 from .stylize import stylize
 from .weights import load_vgg
 
-_DEFAULTS = Settings()
-_GLOBAL, _LOCAL = GlobalStyle(image=None), LocalStyle(image=None)  # type: ignore[arg-type]
+_DEFAULTS = defaults(Settings)
+_GLOBAL, _LOCAL = defaults(GlobalStyle), defaults(LocalStyle)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--color",
         default=_DEFAULTS.color,
-        choices=["none", "luminance", "histogram"],
+        choices=list(COLOR_MODES),
         help="keep the content's colours: luminance-only transfer or style histogram matching",
     )
-    p.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=["lbfgs", "adam"])
+    p.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=list(OPTIMIZERS))
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for L-BFGS, 0.02 for Adam)")
     p.add_argument(
         "--tv-weight",
@@ -95,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--matcher",
         default=_DEFAULTS.matcher,
-        choices=sorted(MATCHERS),
+        choices=list(MATCHER_NAMES),
         help="nearest-patch search of the local loss: fast (default) or exact (every style patch, every time)",
     )
     p.add_argument(
@@ -108,20 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="16-bit VGG pass and patch search where the hardware has it (float16 on CUDA, bfloat16 on CPUs with "
         "AVX512-BF16 or AMX); losses and image stay float32. --no-mixed-precision: float32 throughout",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return best_device()
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise FusionError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise FusionError(f"device: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FusionError("device: cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise FusionError("device: mps was asked for but no Apple GPU is available; use --device cpu")
     return device
 
 

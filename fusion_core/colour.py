@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-COLOR_MODES = ("none", "luminance", "histogram")
-
 _RGB_TO_YIQ = torch.tensor(
     [[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]], dtype=torch.float64
 )

@@ -5,7 +5,9 @@ Images are float tensors (1, 3, H, W), RGB in 0..1; masks are (H, W) in 0..1 (so
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from types import SimpleNamespace
 
 from torch import Tensor
 
@@ -17,6 +19,10 @@ GLOBAL_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 PAPER_GLOBAL_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_2")
 # "recolored": the content in the style's colours; "content": the content as it is; "random": noise (the paper)
 INITS = ("recolored", "content", "random")
+OPTIMIZERS = ("lbfgs", "adam")  # L-BFGS (the paper); Adam needs less memory and more iterations
+COLOR_MODES = ("none", "luminance", "histogram")  # see colour.py
+# Nearest-patch searches (matching.MATCHERS): projected candidates re-ranked exactly, or every style patch
+MATCHER_NAMES = ("fast", "exact")
 # Smallest style image (longest side, px) at which a coarse pyramid level uses the local term (stylize.styles_at_level)
 LOCAL_MIN_STYLE_SIDE = 256
 
@@ -32,6 +38,17 @@ class GlobalStyle:
     style_mask: Tensor | None = None  # which part of the style image it draws from
     scale: float = 1.0  # style image size relative to the output: > 1 gives larger brush strokes
 
+    def feature_layers(self) -> tuple[str, ...]:
+        return tuple(self.layers)
+
+    def validate(self, name: str = "style") -> None:
+        """Raise a FusionError naming ``name`` if a number is out of range (layer names are the network's to
+        check)."""
+        _check_weight(f"{name}.weight", self.weight)
+        _check_scale(f"{name}.scale", self.scale)
+        if not self.layers or isinstance(self.layers, str):
+            raise FusionError(f"{name}.layers: give a tuple of at least one layer, got {self.layers!r}")
+
 
 @dataclass
 class LocalStyle:
@@ -45,6 +62,16 @@ class LocalStyle:
     target_mask: Tensor | None = None
     style_mask: Tensor | None = None
     scale: float = 1.0
+
+    def feature_layers(self) -> tuple[str, ...]:
+        return (self.layer,)
+
+    def validate(self, name: str = "style") -> None:
+        """Raise a FusionError naming ``name`` if a number is out of range."""
+        _check_weight(f"{name}.weight", self.weight)
+        _check_scale(f"{name}.scale", self.scale)
+        _check_count(f"{name}.patch_size", self.patch_size)
+        _check_count(f"{name}.stride", self.stride)
 
 
 StyleTerm = GlobalStyle | LocalStyle
@@ -61,19 +88,72 @@ class Settings:
     iterations: int = 100  # optimiser iterations per level
     init: str = "recolored"  # one of INITS; the paper starts from noise ("random")
     seed: int = 0
-    optimizer: str = "lbfgs"  # "lbfgs" (the paper) or "adam" (less memory, needs more iterations)
+    optimizer: str = "lbfgs"  # one of OPTIMIZERS
     learning_rate: float | None = None  # None: 1 for L-BFGS, 0.02 for Adam (the image is in 0..1)
     tv_weight: float = 10.0  # total-variation smoothing of pixel noise; the paper has none (0)
-    color: str = "none"  # "none", "luminance" (keep the content's chroma) or "histogram" (recolour the styles)
+    color: str = "none"  # one of COLOR_MODES: "luminance" keeps the content's chroma, "histogram" recolours the styles
     local_all_levels: bool = False  # the local term on every pyramid level (the paper), not only the fine ones
     global_layers: tuple[str, ...] | None = None  # if given, every GlobalStyle's layers (the paper preset's)
     history_size: int = 20  # L-BFGS memory; each entry holds two image-sized vectors
-    matcher: str = "fast"  # nearest-patch search: "fast" (projected candidates, re-ranked exactly) or "exact"
+    matcher: str = "fast"  # nearest-patch search, one of MATCHER_NAMES
     rematch_every: int = 1  # search nearest style patches every n-th iteration (1: every evaluation)
     # 16-bit VGG pass and patch search where the hardware has it: float16 on CUDA, bfloat16 on CPUs with
     # AVX512-BF16 / AMX; losses, Grams, image and L-BFGS state stay float32 (precision.py)
     mixed_precision: bool = True
     preview_every: int = 0  # attach the current image to every n-th progress report (0: never)
+
+    def validate(self) -> None:
+        """Raise a FusionError naming the first field out of range and what it accepts (layer names are the
+        network's to check)."""
+        for name in ("size", "levels", "iterations", "history_size", "rematch_every"):
+            _check_count(name, getattr(self, name))
+        for name, choices in (
+            ("init", INITS),
+            ("optimizer", OPTIMIZERS),
+            ("color", COLOR_MODES),
+            ("matcher", MATCHER_NAMES),
+        ):
+            if getattr(self, name) not in choices:
+                raise FusionError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
+        for name in ("mixed_precision", "local_all_levels"):  # a string such as "false" would read as on
+            if not isinstance(getattr(self, name), bool):
+                raise FusionError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        rate = self.learning_rate
+        if rate is not None and not (isinstance(rate, (int, float)) and 0 < rate < math.inf):
+            raise FusionError(f"learning_rate: expected a number > 0 or None, got {rate!r}")
+        _check_weight("content_weight", self.content_weight)
+        _check_weight("tv_weight", self.tv_weight)
+        if not isinstance(self.preview_every, int) or self.preview_every < 0:
+            raise FusionError(f"preview_every: expected a whole number >= 0, got {self.preview_every!r}")
+        if self.global_layers is not None and (not self.global_layers or isinstance(self.global_layers, str)):
+            raise FusionError(f"global_layers: give a tuple of at least one layer, got {self.global_layers!r}")
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FusionError(f"{name}: expected a whole number >= 1, got {value!r}")
+
+
+def _check_weight(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise FusionError(f"{name}: expected a finite number >= 0, got {value!r}")
+
+
+def _check_scale(name: str, value: object) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.05 <= value <= 8):
+        raise FusionError(f"{name}: expected a number from 0.05 to 8, got {value!r}")
+
+
+def defaults(cls: type) -> SimpleNamespace:
+    """The default of every field of dataclass ``cls`` (fields without one are left out), read from the class
+    itself, so callers (the CLI, the nodes) need not build a dummy instance."""
+    found = {}
+    for item in fields(cls):
+        if item.default is not MISSING:
+            found[item.name] = item.default
+        elif item.default_factory is not MISSING:
+            found[item.name] = item.default_factory()
+    return SimpleNamespace(**found)
 
 
 # The paper's own set-up, as one switch (``--preset paper``, the node's ``preset``): the settings in which our

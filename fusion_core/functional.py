@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import accumulation_dtype
+
 _EPS = 1e-8
 
 
@@ -106,8 +108,9 @@ def patches(features: Tensor, size: int, stride: int, rows: slice = slice(None))
 
 def positions_last(features: Tensor) -> Tensor:
     """(1, C, H, W) -> (H * W, C): one row per position, so gathering a position reads C contiguous values.
-    A view of a channels-last map, a copy of any other."""
-    return features[0].permute(1, 2, 0).reshape(-1, features.shape[1])
+    A view of a channels-last map, a copy of any other (``reshape`` alone would give a channels-first map as a
+    strided view, whose rows are C values H * W apart: gathering them is ~60x slower)."""
+    return features[0].permute(1, 2, 0).reshape(-1, features.shape[1]).contiguous()
 
 
 def patch_starts(index: Tensor, shape: tuple[int, int], size: int, stride: int) -> Tensor:
@@ -148,7 +151,7 @@ def mrf_targets(
     covering each position, ``mean target`` (1, C, H, W) their weighted mean matched value there,
     and ``residual`` the part of the loss no output can remove (matched patches that overlap
     disagree). Built patch offset by patch offset, so no patch matrix is ever held. ``patch_energy``, the
-    float64 squared norm of every style patch, may be given when the same style map is matched again.
+    squared norm of every style patch, may be given when the same style map is matched again.
     """
     height, width = shape
     rows, cols = patch_grid(height, width, size, stride)
@@ -167,15 +170,17 @@ def mrf_targets(
             coverage[0, 0][here] += w.view(rows, cols)
             weighted_sum[here] += source.view(rows, cols, channels)
     weighted_sum = weighted_sum.permute(2, 0, 1)[None].contiguous(memory_format=memory_format_of(style))
-    # sum_i w_i ||matched patch_i||^2 from the energy of every style patch, in float64: the residual is a
-    # small difference of large sums.
+    # sum_i w_i ||matched patch_i||^2 from the energy of every style patch, in float64 where the device has it
+    # cheaply (precision.accumulation_dtype): the residual is a small difference of large sums. It is a constant
+    # of the loss, so float32 (on GPUs) changes the reported value only, never the gradient.
+    wide = accumulation_dtype(style.device)
     if patch_energy is None:
-        patch_energy = patch_norms(style.double(), size, stride).square()
-    square_sum = (patch_energy[indices] * w.double()).sum()
+        patch_energy = patch_norms(style.to(wide), size, stride).square()
+    square_sum = (patch_energy[indices].to(wide) * w.to(wide)).sum()
     mean = weighted_sum / coverage.clamp_min(_EPS)
-    coverage64 = coverage.double()
-    # float64 a few channels at a time: a whole float64 copy of the map would be the largest object here
-    covered = sum((coverage64 * part.double().square()).sum() for part in mean.split(16, dim=1))
+    coverage_wide = coverage.to(wide)
+    # a few channels at a time: a whole float64 copy of the map would be the largest object here
+    covered = sum((coverage_wide * part.to(wide).square()).sum() for part in mean.split(16, dim=1))
     residual = (square_sum - covered).clamp_min(0)
     return coverage, mean, residual.to(style.dtype)
 

@@ -67,6 +67,14 @@ def resize_mask(mask: Tensor, shape: tuple[int, int]) -> Tensor:
     ].clamp(0, 1)
 
 
+def mirror_pad(image: Tensor, margin: int) -> Tensor:
+    """``image`` with a ``margin`` px border mirrored from its edges (repeated where the image is narrower)."""
+    if margin == 0:
+        return image
+    mode = "reflect" if min(image.shape[-2:]) > margin else "replicate"
+    return F.pad(image, (margin,) * 4, mode=mode)
+
+
 def load_image(path: str | os.PathLike, name: str = "image") -> Tensor:
     """Read an image file as (1, 3, H, W) RGB in 0..1 (greyscale and alpha are converted to RGB)."""
     path = Path(path)

@@ -1,44 +1,51 @@
-"""L-BFGS on the image, with all its memory allocated once.
+"""L-BFGS on the image, with all its memory allocated once and one host transfer per step.
 
 The iteration is ``torch.optim.LBFGS``'s with ``max_iter=1``, no line search and no stopping tolerances
 (the same arithmetic; tests compare the two step by step): one loss evaluation per step, a step of ``lr``
-along the two-loop direction, the first one scaled by 1 / |g|_1. Only the memory differs. torch's version
-allocates its history, search direction and gradient copies as new image-sized tensors every iteration
-and frees the oldest; blocks of that size come from the C heap, and allocating and freeing them in turn
-leaves holes the process never gives back (about 12 MB more resident memory per iteration at 1024 px,
-on top of the history itself). Here they live in one buffer, allocated at the first step.
+along the two-loop direction, the first one scaled by 1 / |g|_1. Two things differ.
+
+Memory: torch's version allocates its history, search direction and gradient copies as new image-sized
+tensors every iteration and frees the oldest; blocks of that size come from the C heap, and allocating and
+freeing them in turn leaves holes the process never gives back (about 12 MB more resident memory per
+iteration at 1024 px, on top of the history itself). Here they live in one buffer, allocated at the first step.
+
+Host transfers: on a GPU every Python decision on a device value (``if ys > eps``, ``float(t)``, a tensor
+``alpha=``) stalls the queue until the value arrives. A step needs three numbers from the device (the
+curvature <y, s>, |y|^2 and |g|_1); ``scalars()`` returns them as one tensor, which the caller transfers
+together with whatever else it reports, and ``step(numbers)`` takes them back. The rest is device arithmetic:
+the two loops multiply by 0-d tensors, and the descent test picks the step length on the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
 class LBFGS:
-    """Minimise over ``param`` (one tensor); ``step(closure)`` evaluates the loss once and updates it.
+    """Minimise over ``param`` (one tensor). After each evaluation has set ``param.grad``::
 
-    ``closure`` sets ``param.grad`` (it runs with autograd on) and returns the loss.
+    numbers = optimizer.scalars().tolist()   # or stacked with the caller's values, one transfer
+    optimizer.step(numbers)
     """
 
     def __init__(self, param: Tensor, lr: float = 1.0, history_size: int = 20) -> None:
         self.param, self.lr, self.history_size = param, lr, history_size
         self.steps = 0
         self.pairs: list[int] = []  # rows of the kept (y, s) pairs, oldest first
-        self.ro: list[Tensor] = []  # 1 / <y, s> of each kept pair
+        self.ro: list[float] = []  # 1 / <y, s> of each kept pair
         self.rejected = 0  # pairs left out because <y, s> was not positive (the curvature condition)
+        self.t, self.h_diag = lr, 1.0
+        self._candidate = 0  # the history slot holding this step's (y, s)
         self._memory: Tensor | None = None
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        with torch.enable_grad():
-            loss = closure()
+    def scalars(self) -> Tensor:
+        """(<y, s>, |y|^2, |g|_1) for this step, on the device: y and s (the change of gradient and of
+        ``param`` since the last step) are written to a spare history slot."""
         grad = self.param.grad.reshape(-1)
-        if not grad.any():  # at a stationary point: nothing to do
-            return loss
-        self.steps += 1
         if self._memory is None:
             # Rows: history_size + 1 slots for y and s each (one spare, written before it is accepted), then
             # the direction d, the previous gradient and the two-loop's q.
@@ -46,37 +53,48 @@ class LBFGS:
             self._memory = grad.new_empty(2 * slots + 3, grad.numel())
             self._y, self._s = self._memory[:slots], self._memory[slots : 2 * slots]
             self._d, self._previous, self._q = self._memory[2 * slots :]
+        gsum = grad.abs().sum()
+        if self.steps == 0:
+            return torch.stack([gsum.new_zeros(()), gsum.new_zeros(()), gsum])
+        self._candidate = min(set(range(self.history_size + 1)) - set(self.pairs))  # the free slot
+        y, s = self._y[self._candidate], self._s[self._candidate]
+        torch.sub(grad, self._previous, out=y)
+        torch.mul(self._d, self.t, out=s)
+        return torch.stack([y.dot(s), y.dot(y), gsum])
+
+    @torch.no_grad()
+    def step(self, numbers: Sequence[float]) -> None:
+        """Update ``param`` from its gradient; ``numbers`` are ``scalars()``'s values, on the host."""
+        ys, yy, gsum = numbers
+        if gsum == 0:  # at a stationary point: nothing to do
+            return
+        grad = self.param.grad.reshape(-1)
+        self.steps += 1
         d = self._d
         if self.steps == 1:
             torch.neg(grad, out=d)
-            self.h_diag: Tensor | float = 1
+            self.h_diag = 1.0
         else:
-            spare = min(set(range(self.history_size + 1)) - set(self.pairs))
-            y, s = self._y[spare], self._s[spare]
-            torch.sub(grad, self._previous, out=y)
-            torch.mul(d, self.t, out=s)
-            ys = y.dot(s)
             if ys > 1e-10:
                 if len(self.pairs) == self.history_size:
                     self.pairs.pop(0)
                     self.ro.pop(0)
-                self.pairs.append(spare)
+                self.pairs.append(self._candidate)
                 self.ro.append(1.0 / ys)
-                self.h_diag = ys / y.dot(y)
+                self.h_diag = ys / yy
             else:
                 self.rejected += 1
             q = torch.neg(grad, out=self._q)
-            al: list = [None] * len(self.pairs)
+            al: list[Tensor] = [grad] * len(self.pairs)  # placeholders, each set before it is read
             for i in range(len(self.pairs) - 1, -1, -1):
                 al[i] = self._s[self.pairs[i]].dot(q) * self.ro[i]
-                q.add_(self._y[self.pairs[i]], alpha=-al[i])
+                q.addcmul_(self._y[self.pairs[i]], al[i], value=-1)
             torch.mul(q, self.h_diag, out=d)
             for i in range(len(self.pairs)):
                 be_i = self._y[self.pairs[i]].dot(d) * self.ro[i]
-                d.add_(self._s[self.pairs[i]], alpha=al[i] - be_i)
+                d.addcmul_(self._s[self.pairs[i]], al[i] - be_i)
         self._previous.copy_(grad)
-        self.t = min(1.0, 1.0 / grad.abs().sum()) * self.lr if self.steps == 1 else self.lr
-        if grad.dot(d) > 0:  # not a descent direction: keep the image (torch's rule with tolerance_change=0)
-            return loss
-        self.param.add_(d.view_as(self.param), alpha=self.t)
-        return loss
+        self.t = min(1.0, 1.0 / gsum) * self.lr if self.steps == 1 else self.lr
+        # Not a descent direction: keep the image (torch's rule with tolerance_change=0), decided on the device.
+        length = torch.where(grad.dot(d) > 0, 0.0, self.t)
+        self.param.view(-1).addcmul_(d, length)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .matching import prepare_search
+from .matching import MATCHERS
+from .precision import accumulation_dtype
 
 # Chosen with benchmarks/quality.py (docs/RESULTS.md): at a1 = 20, a2 = 1e-4, a3 = 20 the output moves about as
 # far from the photo as the classic tools' outputs do while taking the style's strokes; the local term pulls as
@@ -58,7 +59,7 @@ class ContentLoss(nn.Module):
 
     def __init__(self, layer: str, target: Tensor, energy: float) -> None:
         super().__init__()
-        self.layer, self.energy = layer, energy
+        self.layer, self.layers, self.energy = layer, (layer,), energy
         self.register_buffer("target", target.detach())
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
@@ -69,7 +70,7 @@ class PatchLoss(nn.Module):
     """MRF loss on one layer. ``match`` (no autograd) picks the nearest style patches; ``forward``
     pulls every output patch toward its match. The optimiser decides when to call ``match``.
 
-    ``matcher`` names the search in ``matching.MATCHERS``; it is bound to the style map at the first
+    ``matcher`` names the search in ``matching.MATCHERS``; it is built for the style map at the first
     ``match`` and kept, so per-style work (the fast search's projection) is done once per level."""
 
     def __init__(
@@ -84,12 +85,15 @@ class PatchLoss(nn.Module):
         matcher: str = "exact",
     ) -> None:
         super().__init__()
-        self.layer, self.patch_size, self.stride, self.matcher = layer, patch_size, stride, matcher
+        self.layer, self.layers = layer, (layer,)
+        self.patch_size, self.stride, self.matcher = patch_size, stride, matcher
         self.register_buffer("style", style_features.detach())
         self.style_eligible = style_eligible
         self.target_weights = target_weights
-        self.energy64 = Fn.patch_norms(self.style.double(), patch_size, stride).square()  # per style patch
-        energy = self.energy64 if style_eligible is None else self.energy64[style_eligible]
+        # squared norm of every style patch, in float64 where the device has it cheaply (precision.py)
+        wide = accumulation_dtype(self.style.device)
+        self.style_energy = Fn.patch_norms(self.style.to(wide), patch_size, stride).square()
+        energy = self.style_energy if style_eligible is None else self.style_energy[style_eligible]
         self.patch_energy = float(energy.mean())
         self.indices: Tensor | None = None  # last match, for inspection
         self._targets: tuple[Tensor, Tensor, Tensor] | None = None
@@ -99,9 +103,7 @@ class PatchLoss(nn.Module):
     def match(self, features: dict[str, Tensor]) -> None:
         current = features[self.layer].detach()
         if self._search is None:
-            self._search = prepare_search(
-                self.matcher, self.style, self.patch_size, self.stride, style_eligible=self.style_eligible
-            )
+            self._search = MATCHERS[self.matcher](self.style, self.patch_size, self.stride, self.style_eligible)
         self.indices = self._search(current, self.indices)  # the fast search keeps the last match a candidate
         self._targets = Fn.mrf_targets(
             self.style,
@@ -110,7 +112,7 @@ class PatchLoss(nn.Module):
             self.patch_size,
             self.stride,
             self.target_weights,
-            self.energy64,
+            self.style_energy,
         )
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:

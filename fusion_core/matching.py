@@ -1,35 +1,38 @@
 """Nearest style patch for every output patch, by normalised cross-correlation (Li & Wand 2016).
 
 Score(i, j) = <q_i, s_j> / |s_j|: the cosine similarity up to the factor 1/|q_i|, which does not
-change the best j for a given i. Two searches, both bounded in memory whatever the image size:
+change the best j for a given i.
 
-- ``nearest_patches`` ("exact"): every (eligible) style patch, in bands of grid rows, so at most
-  ``max_scores`` similarities exist at any time. Ties go to the lowest style index. Always float32.
-- ``projected_nearest_patches`` ("fast", the default): a cheap candidate search in a 64-dimensional
-  projection (PCA of the style patches), then the 8 best candidates re-ranked by their exact score.
-  At 512 px (relu3_1: ~16k query x ~16k style patches of 2304 values) the candidate scores cost
-  1/36 of the exact ones, and the patch found scores within 0.1% of the best on average
-  (BENCHMARKS.md has the measurements).
+A matcher is a class in ``MATCHERS``, built once per style map (pyramid level) as
+``cls(style, size, stride, style_eligible)`` and called as ``search(query, previous) -> indices``
+(N_query,) long, where ``previous`` is the last match for the same grid or None:
 
-Between two full fast searches (every ``FULL_SEARCH_EVERY``-th match), ``ProjectedSearch.rematch``
-only propagates: each output patch re-ranks, by the exact score, its previous match, its neighbours'
-matches shifted by one position (PatchMatch, Barnes et al. 2009), two random patches near its match
-and the candidates of the last full search. The output changes little between two L-BFGS iterations,
-so this keeps the matches of a full search at a cost linear in the number of patches.
+- ``ExactSearch`` ("exact") compares every (eligible) style patch at every call (``nearest_patches``),
+  in bands, so at most ``max_scores`` similarities exist at any time; ``previous`` is ignored.
+  Ties go to the lowest style index. Always float32.
+- ``ProjectedSearch`` ("fast", the default) runs ``full_search`` at the first and every
+  ``FULL_SEARCH_EVERY``-th call: a cheap candidate search in a 64-dimensional projection (PCA of the
+  style patches), then the 8 best candidates re-ranked by their exact score. At 512 px (relu3_1:
+  ~16k query x ~16k style patches of 2304 values) the candidate scores cost 1/36 of the exact ones,
+  and the patch found scores within 0.1% of the best on average (BENCHMARKS.md has the measurements).
+  Between two full searches it only ``propagate``s: each output patch re-ranks, by the exact score,
+  its previous match, its neighbours' matches shifted by one position (PatchMatch, Barnes et al.
+  2009), two random patches near its match and the candidates of the last full search. The output
+  changes little between two L-BFGS iterations, so this keeps the matches of a full search at a cost
+  linear in the number of patches.
 
-``prepare_search`` binds a search to one style map, so per-style work (the projection) is done once
-per pyramid level rather than at every search.
+Portability: only dense operations every backend has (matmul, bmm, index_select, topk), memory
+bounded per chunk whatever the image size, and no host synchronisation in the searches (loop bounds
+come from shapes, never from tensor values), so a GPU never waits for the host between chunks.
 """
 
 from __future__ import annotations
-
-import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import precision
 from .functional import patch_grid, patch_norms, patch_starts, patches, positions_last
 
 DEFAULT_MAX_SCORES = 1 << 24  # 64 MB of float32 similarities per block
@@ -37,16 +40,12 @@ FAST_DIMS = 64  # projection dimensions of the fast search (of C * size^2 = 2304
 FAST_CANDIDATES = 8  # style patches per query re-ranked exactly
 PCA_SAMPLES = 1024  # style patches the projection is fitted on
 FULL_SEARCH_EVERY = 3  # fast matcher: a full candidate search every n-th match, propagation between
+TOPK_GROUP = 64  # projected scores per group of the two-stage top-k (``_top_candidates``)
 _NO_INDEX = torch.iinfo(torch.long).max
 
 
 def _band_rows(cols: int, max_patches: int) -> int:
     return max(1, max_patches // max(cols, 1))
-
-
-def _full_precision(device: torch.device):
-    """A region autocast (mixed precision) does not reach: exact scores stay float32."""
-    return torch.autocast(device.type, enabled=False)
 
 
 @torch.no_grad()
@@ -63,7 +62,7 @@ def nearest_patches(
 
     ``style_eligible`` (N_style,) bool limits the candidates (a style mask); at least one must be True.
     """
-    with _full_precision(query.device):
+    with precision.float32_region(query.device):
         query, style = query.float(), style.float()
         q_rows, q_cols = patch_grid(query.shape[-2], query.shape[-1], size, stride)
         s_rows, s_cols = patch_grid(style.shape[-2], style.shape[-1], size, stride)
@@ -92,12 +91,44 @@ def nearest_patches(
     return best_index
 
 
+class ExactSearch:
+    """The "exact" matcher: ``nearest_patches`` over every eligible style patch at every call.
+
+    Holds nothing but its arguments: each call searches from scratch and ignores ``previous``."""
+
+    def __init__(
+        self,
+        style: Tensor,
+        size: int = 3,
+        stride: int = 1,
+        style_eligible: Tensor | None = None,
+        *,
+        max_scores: int = DEFAULT_MAX_SCORES,
+    ) -> None:
+        if style_eligible is not None and not bool(style_eligible.any()):  # once per level, not per search
+            raise ValueError("style_eligible: no style patch is eligible")
+        self.style, self.size, self.stride = style.detach(), size, stride
+        self.style_eligible, self.max_scores = style_eligible, max_scores
+
+    def __call__(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
+        return nearest_patches(
+            query, self.style, self.size, self.stride, style_eligible=self.style_eligible, max_scores=self.max_scores
+        )
+
+
 def _gather_patches(rows: Tensor, shape: tuple[int, int], index: Tensor, size: int, stride: int) -> Tensor:
     """Patches number ``index`` of a ``positions_last`` map of spatial ``shape``, as rows (len(index),
     C * size^2) in ``F.unfold`` order."""
     start = patch_starts(index, shape, size, stride)
     parts = [rows.index_select(0, start + dy * shape[1] + dx) for dy in range(size) for dx in range(size)]
     return torch.stack(parts, 2).flatten(1)  # (N, C, size^2) -> (N, C * size^2)
+
+
+def _patch_offsets(width: int, size: int, device: torch.device) -> Tensor:
+    """Flat offsets (size^2,) of a patch's positions from its top-left one, row-major, on a map ``width`` wide.
+    Built on the device (no host-to-device copy, which would wait for the device's queue)."""
+    steps = torch.arange(size, device=device)
+    return (steps[:, None] * width + steps[None, :]).flatten()
 
 
 def _patch_dots(
@@ -109,43 +140,47 @@ def _patch_dots(
     s_index: Tensor,
     size: int,
     stride: int,
+    budget: int,
 ) -> Tensor:
     """<query patch q_index[i], style patch s_index[i, j]> for (n,) and (n, k) indices: (n, k).
 
     ``query`` and ``style`` are maps in ``positions_last`` layout of spatial ``q_shape`` and ``s_shape``.
-    A patch product is the sum over the size^2 offsets of a product of two positions; for each offset
-    the (n, k) products are a sampled matrix product (SDDMM: only the entries of the CSR pattern
-    are computed), so no (n, k, C) block of gathered style values is ever written.
+    Chunks of m queries gather their k candidates' whole patches, at most ``budget`` values, into one
+    (m, k, size^2 * C) buffer reused by every chunk, and one batched matrix product takes the m x k dot
+    products. The chunk size follows from the shapes alone, so the loop never waits for the device.
     """
-    q_start = patch_starts(q_index, q_shape, size, stride)
-    s_start = patch_starts(s_index, s_shape, size, stride)
     n, k = s_index.shape
-    # Rows of the pattern are the query map's positions first .. last (a slice of ``query``, not a copy);
-    # positions that start no patch of this chunk have empty rows. q_start increases with the index.
-    first, relative = q_start[0], q_start - q_start[0]
-    span = int(relative[-1]) + 1
-    row_starts = k * torch.searchsorted(relative, torch.arange(span + 1, device=relative.device))
-    zeros = query.new_zeros(n * k)
-    dots = query.new_zeros(n * k)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "CSR support is in beta": used as documented
-        for dy in range(size):
-            for dx in range(size):
-                offset = dy * q_shape[1] + dx
-                pattern = torch.sparse_csr_tensor(
-                    row_starts, (s_start + dy * s_shape[1] + dx).flatten(), zeros, size=(span, style.shape[0])
-                )
-                q = query[first + offset : first + offset + span]  # (span, C)
-                dots += torch.sparse.sampled_addmm(pattern, q, style.T, beta=0).values()
+    channels, dims = query.shape[1], size * size * query.shape[1]
+    chunk = max(1, min(n, budget // max(k * dims, 1)))
+    q_offsets = _patch_offsets(q_shape[1], size, query.device)
+    s_offsets = _patch_offsets(s_shape[1], size, style.device)
+    q_starts = patch_starts(q_index, q_shape, size, stride)[:, None]  # index arithmetic once, not per chunk
+    s_starts = patch_starts(s_index, s_shape, size, stride)[..., None]
+    # Reused buffers: a fresh multi-megabyte block per chunk costs the CPU more than filling it.
+    q_buffer = query.new_empty(chunk * size * size, channels)
+    s_buffer = style.new_empty(chunk * k * size * size, channels)
+    dots = query.new_empty(n, 1, k)
+    for start in range(0, n, chunk):
+        q_rows = (q_starts[start : start + chunk] + q_offsets).flatten()
+        m = q_rows.shape[0] // (size * size)
+        q = torch.index_select(query, 0, q_rows, out=q_buffer[: m * size * size]).view(m, 1, dims)
+        s_rows = (s_starts[start : start + chunk] + s_offsets).flatten()
+        s = torch.index_select(style, 0, s_rows, out=s_buffer[: m * k * size * size]).view(m, k, dims)
+        # (m, 1, D) @ (m, D, k), the candidates as the transposed operand: several times faster on our CPU
+        # than (m, k, D) @ (m, D, 1), whose batched matrix-vector products the CPU libraries run slowly.
+        dots[start : start + m] = torch.bmm(q, s.transpose(1, 2))
     return dots.view(n, k)
 
 
 class ProjectedSearch:
-    """The fast search, prepared for one style map (see ``projected_nearest_patches``).
+    """The "fast" matcher, prepared for one style map (see ``projected_nearest_patches``).
 
     Preparation fits the projection: the top ``dims`` principal directions of the style patches
     (uncentred, since the score is an uncentred inner product), from ``samples`` patches drawn with
     a fixed seed; and projects every eligible style patch once, divided by its norm.
+
+    A call runs ``full_search`` at the first and every ``FULL_SEARCH_EVERY``-th call (or when there is
+    no ``previous`` match), ``propagate`` otherwise.
     """
 
     def __init__(
@@ -153,18 +188,21 @@ class ProjectedSearch:
         style: Tensor,
         size: int = 3,
         stride: int = 1,
-        *,
         style_eligible: Tensor | None = None,
+        *,
         dims: int = FAST_DIMS,
         candidates: int = FAST_CANDIDATES,
         samples: int = PCA_SAMPLES,
         max_scores: int = DEFAULT_MAX_SCORES,
+        gather_budget: int | None = None,
     ) -> None:
-        with torch.no_grad(), _full_precision(style.device):
+        with torch.no_grad(), precision.float32_region(style.device):
             self.style, self.size, self.stride, self.max_scores = style.float(), size, stride, max_scores
+            # values per chunk of gathered style patches in the exact re-ranking: by device (precision.py)
+            self.gather_budget = gather_budget or precision.gather_budget(style.device)
             norms = patch_norms(self.style, size, stride)
             eligible = torch.ones_like(norms, dtype=torch.bool) if style_eligible is None else style_eligible
-            self.eligible = eligible.nonzero()[:, 0]  # style index of each row of ``projected``
+            self.eligible = eligible.nonzero()[:, 0]  # style index of each row of ``projected`` (once per level)
             if len(self.eligible) == 0:
                 raise ValueError("style_eligible: no style patch is eligible")
             self.candidates = min(candidates, len(self.eligible))
@@ -189,9 +227,18 @@ class ProjectedSearch:
 
     @torch.no_grad()
     def __call__(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
-        """Best style index per query patch. ``previous`` (N_query,), an earlier match for the same
-        grid, joins each query's candidates, so a re-match never picks a patch worse than the last one."""
-        with _full_precision(query.device):
+        """The search to run between optimiser iterations: ``full_search`` at the first and every
+        ``FULL_SEARCH_EVERY``-th call, ``propagate`` from ``previous`` otherwise."""
+        full = previous is None or self.pool is None or self.matches % FULL_SEARCH_EVERY == 0
+        self.matches += 1
+        return self.full_search(query, previous) if full else self.propagate(query, previous)
+
+    @torch.no_grad()
+    def full_search(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
+        """Best style index per query patch among the projected search's candidates. ``previous`` (N_query,),
+        an earlier match for the same grid, joins each query's candidates, so a re-match never picks a patch
+        worse than the last one."""
+        with precision.float32_region(query.device):
             query = query.float()
             projected = self._project(query)
             # Each query row scaled to unit length: the order within a row is unchanged and the
@@ -200,6 +247,8 @@ class ProjectedSearch:
             query_rows, q_shape = positions_last(query), tuple(query.shape[-2:])
         n_query, n_style = projected.shape[0], self.projected.shape[0]
         s_band = min(n_style, max(self.candidates, self.max_scores // 256))
+        if s_band >= TOPK_GROUP:
+            s_band -= s_band % TOPK_GROUP  # whole groups for ``_top_candidates``; the last band may be shorter
         q_band = max(1, self.max_scores // s_band)
         best_index = torch.empty(n_query, dtype=torch.long, device=query.device)
         pool = []
@@ -208,8 +257,8 @@ class ProjectedSearch:
             top_score = top_index = None
             for s_start in range(0, n_style, s_band):
                 scores = q @ self.projected[s_start : s_start + s_band].T  # 16-bit under autocast
-                found = scores.topk(min(self.candidates, scores.shape[1]), dim=1, sorted=False)
-                score, index = found.values.float(), found.indices + s_start
+                score, index = _top_candidates(scores, self.candidates)
+                score, index = score.float(), index + s_start
                 if top_score is not None:
                     score, index = torch.cat([top_score, score], 1), torch.cat([top_index, index], 1)
                     keep = score.topk(self.candidates, dim=1, sorted=False).indices
@@ -226,22 +275,22 @@ class ProjectedSearch:
     def _best_of(self, query_rows: Tensor, q_shape: tuple[int, int], q_start: int, candidates: Tensor) -> Tensor:
         """Of each row of ``candidates`` (n, k), for the query patches q_start .. q_start + n - 1, the one with
         the best exact score; of equal scores the lowest style index, as the exact search does."""
-        with _full_precision(query_rows.device):
+        with precision.float32_region(query_rows.device):
             q_index = torch.arange(q_start, q_start + candidates.shape[0], device=query_rows.device)
             exact = _patch_dots(
-                query_rows, q_shape, q_index, self.style_rows, self.style_shape, candidates, self.size, self.stride
+                query_rows,
+                q_shape,
+                q_index,
+                self.style_rows,
+                self.style_shape,
+                candidates,
+                self.size,
+                self.stride,
+                self.gather_budget,
             )
             exact = exact * self.inverse_norm[candidates]
             tied = exact == exact.max(1, keepdim=True).values
             return candidates.masked_fill(~tied, _NO_INDEX).amin(1)
-
-    @torch.no_grad()
-    def rematch(self, query: Tensor, previous: Tensor | None) -> Tensor:
-        """The search to run between optimiser iterations: a full search (``__call__``) at the first and
-        every ``FULL_SEARCH_EVERY``-th call, ``propagate`` otherwise."""
-        full = previous is None or self.pool is None or self.matches % FULL_SEARCH_EVERY == 0
-        self.matches += 1
-        return self(query, previous) if full else self.propagate(query, previous)
 
     @torch.no_grad()
     def propagate(self, query: Tensor, previous: Tensor) -> Tensor:
@@ -249,7 +298,7 @@ class ProjectedSearch:
         ``previous``, the neighbours' matches shifted to this position, two random style patches within a
         quarter and a sixteenth of the style map around the previous match, and the last full search's
         candidates. Never worse than ``previous``; ineligible candidates are replaced by ``previous``."""
-        with _full_precision(query.device):
+        with precision.float32_region(query.device):
             query = query.float()
             q_shape = tuple(query.shape[-2:])
             q_rows, q_cols = patch_grid(*q_shape, self.size, self.stride)
@@ -276,14 +325,26 @@ class ProjectedSearch:
             candidates = torch.where(self.is_eligible[candidates], candidates, previous[:, None])
             if self.pool is not None and self.pool.shape[0] == candidates.shape[0]:
                 candidates = torch.cat([candidates, self.pool], 1)
-            query_rows = positions_last(query)
-            best = torch.empty_like(previous)
-            # _patch_dots holds a CSR pattern (indices and values) per chunk: keep it far below a score block.
-            band = max(1, self.max_scores // (candidates.shape[1] * 64))
-            for q_start in range(0, candidates.shape[0], band):
-                chunk = candidates[q_start : q_start + band]
-                best[q_start : q_start + chunk.shape[0]] = self._best_of(query_rows, q_shape, q_start, chunk)
-            return best
+            return self._best_of(positions_last(query), q_shape, 0, candidates)  # chunked in _patch_dots
+
+
+def _top_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest scores of each row of ``scores`` (m, L), unsorted, and their columns: (m, k) each.
+
+    Long rows take two stages: the k groups of ``TOPK_GROUP`` consecutive scores with the largest maxima
+    hold a set of k largest scores (any score outside them is at most the smallest of those k maxima, each a
+    score inside), so a pass of maxima and two short top-ks replace a top-k over the whole row, 2x faster
+    on our CPU. Of equal scores either stage may pick any, as ``torch.topk`` may.
+    """
+    m, length = scores.shape
+    if length % TOPK_GROUP or length < 4 * k * TOPK_GROUP:
+        found = scores.topk(min(k, length), dim=1, sorted=False)
+        return found.values, found.indices
+    maxima = scores.view(m, length // TOPK_GROUP, TOPK_GROUP).amax(2)
+    groups = maxima.topk(k, dim=1, sorted=False).indices  # (m, k)
+    columns = (groups[:, :, None] * TOPK_GROUP + torch.arange(TOPK_GROUP, device=scores.device)).flatten(1)
+    found = scores.gather(1, columns).topk(k, dim=1, sorted=False)
+    return found.values, columns.gather(1, found.indices)
 
 
 def _shift(grid: Tensor, dy: int, dx: int) -> Tensor:
@@ -298,17 +359,19 @@ def _principal_directions(sample: Tensor, dims: int, generator: torch.Generator)
 
     A randomised subspace iteration (Halko et al. 2011): a few products with the sample and one small
     eigenproblem, rather than a full (D, D) or (n, n) one. With ``dims`` >= D it is a basis of the whole
-    space, so the projection loses nothing.
+    space, so the projection loses nothing. Computed on the CPU whatever the device: the sample is small (a
+    few MB), and QR and the symmetric eigensolver are linear algebra that MPS lacks.
     """
     d_full = sample.shape[1]
-    x = sample / sample.norm(dim=1).max().clamp_min(1e-30)  # a scale that float32 squares comfortably
+    x = sample.cpu()
+    x = x / x.norm(dim=1).max().clamp_min(1e-30)  # a scale that float32 squares comfortably
     width = min(dims + 16, d_full)  # a few extra directions make the top ``dims`` accurate
-    basis = torch.randn(d_full, width, generator=generator).to(x.device)
+    basis = torch.randn(d_full, width, generator=generator)
     for _ in range(2):
         basis = torch.linalg.qr(x.T @ (x @ basis)).Q
     projected = x @ basis
     values, vectors = torch.linalg.eigh(projected.T @ projected)
-    return basis @ vectors.flip(1)[:, :dims]
+    return (basis @ vectors.flip(1)[:, :dims]).to(sample.device)
 
 
 def projected_nearest_patches(
@@ -322,7 +385,7 @@ def projected_nearest_patches(
     dims: int = FAST_DIMS,
     candidates: int = FAST_CANDIDATES,
 ) -> Tensor:
-    """Index of a near-best style patch for each query patch, shape (N_query,): the fast search.
+    """Index of a near-best style patch for each query patch, shape (N_query,): one fast full search.
 
     1. Candidates: patches projected to ``dims`` dimensions (PCA of the style patches); the
        ``candidates`` style patches with the best projected score <Pq, Ps>/|s| per query are kept.
@@ -332,31 +395,11 @@ def projected_nearest_patches(
        search; a wrong pick can only be a patch whose true score is close to the best.
     """
     search = ProjectedSearch(
-        style, size, stride, style_eligible=style_eligible, dims=dims, candidates=candidates, max_scores=max_scores
+        style, size, stride, style_eligible, dims=dims, candidates=candidates, max_scores=max_scores
     )
-    return search(query)
+    return search.full_search(query)
 
 
-# name -> search function with the signature of ``nearest_patches``
-MATCHERS: dict[str, Callable[..., Tensor]] = {"exact": nearest_patches, "fast": projected_nearest_patches}
-
-
-def prepare_search(
-    name: str, style: Tensor, size: int = 3, stride: int = 1, *, style_eligible: Tensor | None = None
-) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """The search ``name`` bound to one style map: ``search(query, previous) -> indices``, where
-    ``previous`` is the last match for the same grid (None at the first search).
-
-    For "fast" the projection is fitted here, once, and ``previous`` drives ``ProjectedSearch.rematch``
-    (full search or propagation); other matchers search from scratch and ignore it.
-    """
-    if MATCHERS[name] is projected_nearest_patches:
-        return ProjectedSearch(
-            style, size, stride, style_eligible=style_eligible, dims=FAST_DIMS, candidates=FAST_CANDIDATES
-        ).rematch
-    matcher = MATCHERS[name]
-
-    def search(query: Tensor, previous: Tensor | None) -> Tensor:
-        return matcher(query, style, size, stride, style_eligible=style_eligible)
-
-    return search
+# name (config.MATCHER_NAMES) -> matcher class: ``cls(style, size, stride, style_eligible)``, then
+# ``search(query, previous) -> indices``
+MATCHERS: dict[str, type] = {"exact": ExactSearch, "fast": ProjectedSearch}

@@ -1,28 +1,35 @@
-"""Mixed precision: a 16-bit VGG pass and patch search, float32 for everything else.
+"""Every choice that depends on the device, in one place: number types, precision switches, memory layout.
 
-Where the hardware computes 16-bit floats natively, the network's convolutions and the fast search's
-candidate scores run under ``torch.autocast``: float16 on CUDA, bfloat16 on a CPU with bfloat16
-instructions (AVX512-BF16 or AMX), where oneDNN's bfloat16 convolutions run 2-2.7x faster than
-float32 ones (BENCHMARKS.md). The activations are cast back to float32 before any loss sees them, so
-Gram matrices, loss values, the image and the L-BFGS state stay float32. Elsewhere (a CPU without
-those instructions emulates bfloat16, more slowly than float32; MPS and other devices) everything
-stays float32.
+Mixed precision. Where the hardware computes 16-bit floats natively, the network's convolutions and the fast
+search's candidate scores run under ``torch.autocast``: float16 on CUDA, bfloat16 on a CPU with bfloat16
+instructions (AVX512-BF16 or AMX), where oneDNN's bfloat16 convolutions run 2-2.7x faster than float32 ones
+(BENCHMARKS.md). The activations are cast back to float32 before any loss sees them, so Gram matrices, loss
+values, the image and the optimiser state stay float32. Elsewhere (a CPU without those instructions emulates
+bfloat16, more slowly than float32; MPS, whose autocast torch added late) everything stays float32.
 
-The loss gradients reaching the activations are tiny (1e-8..1e-4 per element with the default
-weights, smaller at larger sizes) and would mostly underflow in float16. They are multiplied by
-``GRAD_SCALE`` on entering the 16-bit backward pass and divided by it again at the image: a fixed
-loss scale (a power of two, so exact), so the optimiser never sees it and no step has to be retried.
-bfloat16 has float32's range and would not need it; one code path serves both.
+The loss gradients reaching the activations are tiny and shrink as the image grows (the losses are means over
+positions), so in float16 most would underflow. ``GradientScale`` multiplies them on entering the 16-bit
+backward pass and divides them again at the image; the factor follows the gradients' size (see its docstring),
+and the caller checks that the image gradient is finite before every optimiser step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
 
-GRAD_SCALE = 2.0**16
+
+def best_device() -> torch.device:
+    """The fastest device present: a CUDA GPU, else an Apple GPU (MPS), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def native_bfloat16() -> bool:
@@ -46,6 +53,14 @@ def mixed_dtype(device: torch.device | str, wanted: bool = True) -> torch.dtype 
     return None
 
 
+def _has_autocast(device_type: str) -> bool:
+    """Whether ``torch.autocast`` accepts ``device_type`` on this torch (torch < 2.5 raises for "mps")."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available is not None:
+        return bool(available(device_type))
+    return device_type in ("cpu", "cuda")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to ``dtype`` on ``device``; with None a context that changes nothing."""
     if dtype is None:
@@ -53,31 +68,109 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def full_precision(device: torch.device, enabled: bool):
-    """Inside an ``autocast`` region: a region it does not reach (float32 again)."""
-    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
+def float32_region(device: torch.device):
+    """A region that an enclosing ``autocast`` does not reach, on any device and any torch: where autocast does
+    not exist for the device, nothing can have switched it on, and nothing needs switching off."""
+    if not _has_autocast(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The type for sums whose small differences matter (the patch loss's constant residual): float64 on the
+    CPU, where it is cheap; float32 on GPUs, which have no float64 (MPS) or run it at 1/32 speed."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def banded_backward(device: torch.device) -> bool:
+    """Whether convolutions' backward passes run in bands of rows (vgg.py): on the CPU a convolution library's
+    working copies of a whole full-resolution gradient would set the peak memory; on GPUs the caching allocator
+    reuses such blocks, and bands only cost kernel launches."""
+    return device.type == "cpu"
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The activation layout whose convolutions run fastest: channels-last on CPUs (1.6x forward, 2x backward
+    for a 64-channel 3x3 convolution at 512 px on our test CPU, 10x for max pooling) and on CUDA (tensor
+    cores); the default layout elsewhere."""
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+
+
+def gather_budget(device: torch.device) -> int:
+    """float32 values per chunk of gathered style patches in the fast search's exact re-ranking
+    (``matching._patch_dots``). The block is written and read back at once, so on a CPU one that stays in the
+    caches is fastest: 2^20 (4 MB); on our 2-core test CPU 2^19 or 2^21 took 10-25% longer and 2^18 (Python
+    overhead of small chunks) or 2^22 twice as long. GPUs have no such caches and pay for every kernel launch
+    instead: 2^24 (64 MB, the size of one score block) keeps the launches few."""
+    return 1 << 20 if device.type == "cpu" else 1 << 24
 
 
 class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``factor`` on the way back."""
+    """Identity forward; multiplies the gradient by ``factor`` on the way back and, with ``watch``, records the
+    largest incoming gradient magnitude there (on the device: no host transfer)."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, factor: float) -> Tensor:
-        ctx.factor = factor
+    def forward(ctx, tensor: Tensor, factor: float, watch: GradientScale | None) -> Tensor:
+        ctx.factor, ctx.watch = factor, watch
         return tensor.view_as(tensor)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.factor, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.watch is not None:
+            ctx.watch.observe(grad)
+        return grad * ctx.factor, None, None
 
 
-def into_half(image: Tensor, enabled: bool) -> Tensor:
-    """The image as it enters the 16-bit pass: its gradient is unscaled on the way out."""
-    return _ScaleGradient.apply(image, 1.0 / GRAD_SCALE) if enabled and image.requires_grad else image
+class GradientScale:
+    """The factor that keeps the 16-bit backward pass's gradients in float16's range.
 
+    Gradients are multiplied by ``scale`` where the float32 losses hand them to the 16-bit pass and divided by it
+    at the image (powers of two: exact). After every evaluation the caller reads ``largest`` (the largest
+    unscaled gradient magnitude that entered the pass) together with its other per-iteration values and calls
+    ``update``: the next scale puts that magnitude at ``TARGET``, 2^10, which leaves float16's largest value
+    (6.5e4) 64x of headroom for the growth of gradients through the backward pass and places float16's smallest
+    normal number (6.1e-5) 2^24 below the largest gradient. A fixed scale cannot: the gradients shrink with the
+    image's area. A non-finite image gradient means the headroom was not enough: ``update`` divides the scale
+    by 2^8 and asks for the evaluation to be repeated. bfloat16 has float32's range and needs none of this;
+    one code path serves both.
+    """
 
-def out_of_half(features: dict[str, Tensor], enabled: bool) -> dict[str, Tensor]:
-    """Activations as the losses see them: float32, their gradients scaled up before they turn 16-bit."""
-    if not enabled:
-        return features
-    return {name: _ScaleGradient.apply(value.float(), GRAD_SCALE) for name, value in features.items()}
+    TARGET = 2.0**10
+    START = 2.0**16
+    FLOOR = 1.0  # a scale below 1 would not help: the overflow is not the scale's doing
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.scale = self.START
+        self.largest: Tensor | None = None  # this evaluation's largest unscaled gradient entering the pass
+
+    def into_half(self, image: Tensor) -> Tensor:
+        """The image as it enters the 16-bit pass: its gradient is unscaled on the way out."""
+        self.largest = None
+        if not (self.enabled and image.requires_grad):
+            return image
+        return _ScaleGradient.apply(image, 1.0 / self.scale, None)
+
+    def out_of_half(self, name: str, activation: Tensor) -> Tensor:
+        """An activation as the losses see it: float32, its gradient scaled up before it turns 16-bit."""
+        if not self.enabled:
+            return activation
+        return _ScaleGradient.apply(activation.float(), self.scale, self)
+
+    def observe(self, grad: Tensor) -> None:
+        largest = grad.detach().abs().amax().float()
+        self.largest = largest if self.largest is None else torch.maximum(self.largest, largest)
+
+    def update(self, largest: float, finite: bool) -> bool:
+        """Set the next scale from this evaluation's ``largest`` gradient and whether the image gradient was
+        ``finite``; returns True when the evaluation must be repeated with the new scale."""
+        if not self.enabled:
+            return False
+        if not finite:
+            if self.scale <= self.FLOOR:
+                return False  # the caller reports the non-finite gradient
+            self.scale = max(self.FLOOR, self.scale / 2.0**8)
+            return True
+        if largest > 0 and math.isfinite(largest):
+            self.scale = max(self.FLOOR, 2.0 ** math.floor(math.log2(self.TARGET / largest)))
+        return False

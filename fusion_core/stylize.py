@@ -1,4 +1,9 @@
-"""The optimisation: minimise a1 * global + a2 * local + a3 * content over the image, coarse to fine."""
+"""The optimisation: minimise a1 * global + a2 * local + a3 * content over the image, coarse to fine.
+
+``stylize`` checks its inputs, picks the start (the content recoloured to the style's palette by default),
+and runs the pyramid: each level builds its criterion (criterion.py), optimises the image on a mirrored canvas
+and hands the result, enlarged, to the next. Progress and cancellation go through callbacks only.
+"""
 
 from __future__ import annotations
 
@@ -7,78 +12,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .colour import COLOR_MODES, grey, luminance_only, match_histogram, recolour, recombine_chroma, rgb_to_yiq
-from .config import INITS, LOCAL_MIN_STYLE_SIDE, GlobalStyle, LocalStyle, Progress, Settings, StyleTerm
+from .colour import grey, luminance_only, match_histogram, recolour, recombine_chroma, rgb_to_yiq
+from .config import GlobalStyle, LocalStyle, Progress, Settings, StyleTerm
+from .criterion import Criterion, build_criterion, styles_at_level
 from .errors import Cancelled, FusionError
-from .functional import patch_weights
-from .images import check_image, check_mask, resize, resize_mask
+from .geometry import border_margin, feature_shape, level_shapes, style_shape, with_margin
+from .images import check_image, check_mask, mirror_pad, resize, resize_mask
 from .lbfgs import LBFGS
-from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
-from .matching import MATCHERS
 from .memory import check_memory
-from .precision import autocast, full_precision, into_half, mixed_dtype, out_of_half
-from .pyramid import fit_longest, level_shapes
 from .vgg import VGGFeatures
 
-OPTIMIZERS = ("lbfgs", "adam")
-BORDER_FRACTION = 1 / 64  # of a level's longest side: the mirrored margin it is optimised with (border_margin)
-
-
-class Criterion:
-    """The weighted loss terms of one pyramid level, evaluated on an image."""
-
-    def __init__(
-        self,
-        vgg: VGGFeatures,
-        terms: list[tuple[str, float, torch.nn.Module]],
-        tv_weight: float = 0.0,
-        mixed_precision: bool = False,
-    ):
-        self.vgg, self.terms, self.tv_weight = vgg, terms, tv_weight
-        # float16 on CUDA, bfloat16 on a CPU with bfloat16 instructions, else None; see precision.py
-        self.half_dtype = mixed_dtype(vgg.device, mixed_precision)
-        self.layers = {layer for _, _, module in terms for layer in _layers_of(module)}
-        self.patch_losses = [m for _, _, m in terms if isinstance(m, PatchLoss)]
-        self.due: dict[str, list[tuple[str, float, torch.nn.Module]]] = {}  # deepest layer -> terms
-        for term in terms:
-            self.due.setdefault(max(_layers_of(term[2]), key=vgg.names.index), []).append(term)
-
-    def __call__(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
-        """The weighted terms by kind, and their "total".
-
-        Each term is evaluated as soon as the VGG pass has produced its layers. Autograd runs the most
-        recently recorded operations first, so a term on a shallow layer then gets its gradient (as large
-        as the layer) only when the backward pass reaches that layer, rather than holding it through the
-        whole backward pass: ~0.4 GB less at the peak at 1024 px.
-        """
-        half, device = self.half_dtype is not None, self.vgg.device
-        activations: dict[str, Tensor] = {}  # as the network gives them: 16-bit under autocast
-        features: dict[str, Tensor] = {}  # as the losses see them: float32
-        values: dict[str, Tensor] = {}
-
-        def evaluate(name: str, activation: Tensor) -> None:
-            activations[name] = activation
-            features.update(out_of_half({name: activation}, half))
-            for kind, weight, module in self.due.get(name, ()):
-                if rematch and isinstance(module, PatchLoss):
-                    module.match(activations)  # the patch search runs under autocast too
-                with full_precision(device, half):
-                    values[kind] = values.get(kind, 0.0) + weight * module(features)
-
-        with autocast(device, self.half_dtype):  # the VGG pass and the patch search only
-            if self.layers:
-                self.vgg(into_half(image, half), self.layers, on_layer=evaluate)
-        if self.tv_weight > 0:
-            values["tv"] = self.tv_weight * TVLoss()(image)
-        values["total"] = sum(values.values())
-        return values
-
-
-def _layers_of(module: torch.nn.Module) -> tuple[str, ...]:
-    return tuple(getattr(module, "layers", None) or (module.layer,))
+# Called before each level is optimised with (0-based level, its criterion, the canvas it starts from).
+LevelHook = Callable[[int, Criterion, Tensor], None]
 
 
 def stylize(
@@ -89,61 +36,43 @@ def stylize(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_level: LevelHook | None = None,
 ) -> Tensor:
     """Stylise ``content`` (1, 3, H, W, RGB 0..1) with the given style terms; returns the image in 0..1.
 
     Runs on ``vgg``'s device. ``on_progress`` receives a ``Progress`` after every iteration;
-    ``should_stop`` is called before every iteration and, when it returns True, ``Cancelled`` is raised.
+    ``should_stop`` is called before every iteration and, when it returns True, ``Cancelled`` is raised;
+    ``on_level`` (for measurements) sees each level's criterion and starting canvas.
     Works inside ``torch.inference_mode()`` / ``no_grad`` (it re-enables autograd for itself).
     """
     settings = settings or Settings()
     with torch.inference_mode(False), torch.enable_grad():
         _make_autograd_ready(vgg)
-        content = check_image("content", content).clone()
-        styles = _checked_styles(styles)
-        _check_settings(vgg, styles, settings)
-        if settings.global_layers is not None:
-            styles = [replace(t, layers=settings.global_layers) if isinstance(t, GlobalStyle) else t for t in styles]
+        content, styles = _checked_inputs(vgg, content, styles, settings)
         shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)
         _check_sizes(styles, settings, shapes)
-        margin = border_margin(shapes[-1])
-        check_memory(vgg, (shapes[-1][0] + 2 * margin, shapes[-1][1] + 2 * margin), styles, settings)
+        check_memory(vgg, with_margin(shapes[-1], border_margin(shapes[-1])), styles, settings)
         content = content.to(vgg.device)
         target, styles = _apply_colour_mode(content, styles, settings.color)
         start = starting_image(target, styles, settings.init)
         image = None
-        steps = settings.levels * settings.iterations
         for level, shape in enumerate(shapes):
-            last = level == len(shapes) - 1
             margin = border_margin(shape)
-            level_styles = styles_at_level(styles, settings, shape, last)
+            level_styles = styles_at_level(styles, settings, shape, last=level == len(shapes) - 1)
             criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin)
             if image is None:
                 image = random_image(shape, settings.seed, vgg.device) if start is None else resize(start, shape)
             else:
                 image = carry_up(image, shape, None if start is None else resize(start, shape))
-            canvas = _optimise_level(
-                criterion, mirror_pad(image, margin), settings, level, steps, on_progress, should_stop, margin
-            )
-            image = _inner(canvas, margin)
+            canvas = mirror_pad(image, margin)
+            if on_level is not None:
+                on_level(level, criterion, canvas)
+            report = _reporter(on_progress, settings, level, margin)
+            image = _inner(_optimise(criterion, canvas, settings, report, should_stop), margin)
         image = image.clamp(0, 1)
         if settings.color == "luminance":
             image = recombine_chroma(image, resize(content, tuple(image.shape[-2:])))
         return image
-
-
-def _apply_colour_mode(content: Tensor, styles: list[StyleTerm], mode: str) -> tuple[Tensor, list[StyleTerm]]:
-    """The content and style images the network sees under colour mode ``mode`` (see colour.py)."""
-    if mode == "none":
-        return content, styles
-    converted: dict[int, Tensor] = {}  # one conversion per distinct style image
-    for style in styles:
-        if id(style.image) not in converted:
-            image = style.image.to(content.device)
-            fixed = luminance_only(image, content) if mode == "luminance" else match_histogram(image, content)
-            converted[id(style.image)] = fixed
-    styles = [replace(style, image=converted[id(style.image)]) for style in styles]
-    return (grey(rgb_to_yiq(content)[:, :1]) if mode == "luminance" else content), styles
 
 
 def starting_image(content: Tensor, styles: Sequence[StyleTerm], init: str) -> Tensor | None:
@@ -201,186 +130,124 @@ def carry_up(image: Tensor, shape: tuple[int, int], start: Tensor | None = None)
     return enlarged + start - resize(resize(start, tuple(image.shape[-2:])), shape)
 
 
-def border_margin(shape: tuple[int, int]) -> int:
-    """Pixels of mirrored margin around a level's image while it is optimised (BORDER_FRACTION of its longest side,
-    at least 4), cropped off afterwards.
+class _Adam:
+    """torch's Adam with LBFGS's interface (``scalars``, ``step``), keeping the image in 0..1: Adam takes
+    fixed-size steps that would otherwise leave it."""
 
-    The outermost pixels of an image are seen by fewer of the network's windows than any other, so they are the
-    least held by the losses, and the optimiser paints them with stripes of colours in neither image. With a
-    margin, every pixel of the picture is an inner one; the margin itself, optimised with the rest, is dropped.
-    """
-    return max(4, round(max(shape) * BORDER_FRACTION))
+    def __init__(self, image: Tensor, lr: float) -> None:
+        self.image, self.adam = image, torch.optim.Adam([image], lr=lr)
 
+    def scalars(self) -> Tensor:
+        return self.image.new_zeros(0)
 
-def mirror_pad(image: Tensor, margin: int) -> Tensor:
-    """``image`` with a ``margin`` px border mirrored from its edges (repeated where the image is narrower)."""
-    if margin == 0:
-        return image
-    mode = "reflect" if min(image.shape[-2:]) > margin else "replicate"
-    return F.pad(image, (margin,) * 4, mode=mode)
+    def step(self, numbers: Sequence[float]) -> None:
+        self.adam.step()
+        with torch.no_grad():
+            self.image.clamp_(0, 1)
 
 
-def styles_at_level(
-    styles: Sequence[StyleTerm], settings: Settings, shape: tuple[int, int], last: bool
-) -> list[StyleTerm]:
-    """The style terms used at a level of output ``shape``.
-
-    Unless ``settings.local_all_levels``, the local terms start at the first level whose style image is
-    LOCAL_MIN_STYLE_SIDE px on its longest side (always at the last level): below that a patch of the local
-    loss (32 px for 3x3 patches on relu3_1) is a whole motif of the style, a face or a hat, which the
-    nearest-patch pull would paste into the photo's sky or water. The coarse levels, which lay out colour and
-    large forms, are left to the global and content terms.
-    """
-    if settings.local_all_levels or last:
-        return list(styles)
-    return [
-        style
-        for style in styles
-        if not isinstance(style, LocalStyle) or round(max(shape) * style.scale) >= LOCAL_MIN_STYLE_SIDE
-    ]
-
-
-def build_criterion(
-    vgg: VGGFeatures,
-    content: Tensor,
-    styles: Sequence[StyleTerm],
-    settings: Settings,
-    shape: tuple[int, int],
-    *,
-    margin: int = 0,
-) -> Criterion:
-    """Targets for one level: content features, style Grams and style patch banks at this size.
-
-    With a ``margin``, the criterion scores the image of ``shape`` with that mirrored border around it (see
-    ``border_margin``): the content and the target masks get the same border.
-    """
-    canvas = (shape[0] + 2 * margin, shape[1] + 2 * margin)
-
-    def on_canvas(mask: Tensor | None) -> Tensor | None:
-        if mask is None or margin == 0:
-            return mask
-        return F.pad(resize_mask(mask, shape)[None, None], (margin,) * 4, mode="replicate")[0, 0]
-
-    with torch.no_grad():
-        terms: list[tuple[str, float, torch.nn.Module]] = []
-        feature_cache: dict[tuple[int, float], dict[str, Tensor]] = {}
-
-        def style_features(style: StyleTerm, layers: Sequence[str]) -> dict[str, Tensor]:
-            # Each style image is resized and run through the network once per level and scale.
-            style_shape = fit_longest(style.image.shape[-2], style.image.shape[-1], round(max(shape) * style.scale))
-            cached = feature_cache.setdefault((id(style.image), style.scale), {})
-            missing = [layer for layer in layers if layer not in cached]
-            if missing:
-                cached.update(vgg(resize(style.image.to(content.device), style_shape), missing))
-            return {layer: cached[layer] for layer in layers}
-
-        active = [style for style in styles if style.weight > 0]
-        for style in active:
-            layers = style.layers if isinstance(style, GlobalStyle) else (style.layer,)
-            features = style_features(style, layers)
-            target_masks = _masks_at(
-                on_canvas(style.target_mask), {l: _feature_shape(canvas, l) for l in layers}, content.device
-            )
-            style_masks = _masks_at(
-                style.style_mask, {l: tuple(f.shape[-2:]) for l, f in features.items()}, content.device
-            )
-            if isinstance(style, GlobalStyle):
-                # One module per layer (the loss is their mean), each evaluated as soon as its layer exists.
-                for layer in layers:
-                    gram = GramLoss({layer: features[layer]}, {layer: style_masks[layer]}, {layer: target_masks[layer]})
-                    terms.append(("global", style.weight / len(layers), gram))
-                continue
-            layer = style.layer
-            eligible = weights = None
-            if style_masks[layer] is not None:
-                eligible = patch_weights(style_masks[layer], style.patch_size, style.stride) >= 0.5
-                if not eligible.any():
-                    raise FusionError("style_mask: the region is too small to hold one style patch at this size")
-            if target_masks[layer] is not None:
-                weights = patch_weights(target_masks[layer], style.patch_size, style.stride)
-            module = PatchLoss(
-                layer,
-                features[layer],
-                style.patch_size,
-                style.stride,
-                style_eligible=eligible,
-                target_weights=weights,
-                matcher=settings.matcher,
-            )
-            terms.append(("local", style.weight, module))
-        if settings.content_weight > 0:
-            layer = settings.content_layer
-            target = vgg(mirror_pad(resize(content, shape), margin), [layer])[layer]
-            energies = [float(style_features(style, [layer])[layer].square().mean()) for style in active]
-            energy = sum(energies) / len(energies) if energies else float(target.square().mean())
-            terms.append(("content", settings.content_weight, ContentLoss(layer, target, energy)))
-        return Criterion(vgg, terms, settings.tv_weight, settings.mixed_precision)
-
-
-def _optimise_level(
+def _optimise(
     criterion: Criterion,
-    image: Tensor,
+    canvas: Tensor,
     settings: Settings,
-    level: int,
-    steps: int,
-    on_progress: Callable[[Progress], None] | None,
+    report: Callable[[int, dict[str, float], Tensor], None],
     should_stop: Callable[[], bool] | None,
-    margin: int = 0,
 ) -> Tensor:
-    """Optimise ``image`` (with its ``margin``, which previews leave out) against ``criterion``."""
-    image = image.detach().clone().requires_grad_(True)
+    """Optimise ``canvas`` against ``criterion`` for ``settings.iterations`` iterations.
+
+    Each iteration reads from the device once: the loss terms, whether the image gradient is finite, the
+    gradient scale's measure and the optimiser's scalars travel as one tensor. A non-finite gradient in the
+    16-bit pass is an overflow: the evaluation is repeated with a smaller scale (precision.GradientScale).
+    """
+    image = canvas.detach().clone().requires_grad_(True)
     if settings.optimizer == "adam":
-        optimizer = torch.optim.Adam([image], lr=settings.learning_rate or 0.02)
+        optimizer: LBFGS | _Adam = _Adam(image, settings.learning_rate or 0.02)
     else:
-        # One L-BFGS iteration per step() call: exactly one loss evaluation each, so progress,
-        # cancellation and re-matching happen between iterations. A level of n iterations stores at most
-        # n - 1 curvature pairs, so a longer history would be memory never used.
+        # A level of n iterations stores at most n - 1 curvature pairs, so a longer history would be memory
+        # never used.
         history = min(settings.history_size, max(1, settings.iterations - 1))
         optimizer = LBFGS(image, lr=settings.learning_rate or 1, history_size=history)
-    last: dict[str, float] = {}
-
-    rematch = True
-
-    def closure() -> Tensor:
-        image.grad = None
-        values = criterion(image, rematch=rematch)
-        values["total"].backward()
-        last.clear()
-        last.update({name: float(value.detach()) for name, value in values.items()})
-        return values["total"]
-
     for iteration in range(1, settings.iterations + 1):
         if should_stop is not None and should_stop():
             raise Cancelled("stopped by the caller")
         rematch = (iteration - 1) % settings.rematch_every == 0
-        optimizer.step(closure)
-        if settings.optimizer == "adam":
-            with torch.no_grad():
-                image.clamp_(0, 1)  # Adam takes fixed-size steps that would otherwise leave 0..1
-        if not math.isfinite(last["total"]):
-            raise FusionError("the loss became NaN or infinite; lower the loss weights or use init='content'")
-        if on_progress is not None:
-            step = level * settings.iterations + iteration
-            preview = settings.preview_every > 0 and (
-                iteration % settings.preview_every == 0 or iteration == settings.iterations
-            )
-            on_progress(
-                Progress(
-                    level=level + 1,
-                    levels=settings.levels,
-                    iteration=iteration,
-                    iterations=settings.iterations,
-                    step=step,
-                    steps=steps,
-                    losses=dict(last),
-                    image=_inner(image, margin).detach().clamp(0, 1).clone() if preview else None,
-                )
-            )
+        losses, numbers = _evaluate(criterion, image, optimizer, rematch)
+        optimizer.step(numbers)
+        report(iteration, losses, image)
     return image.detach()
+
+
+def _evaluate(
+    criterion: Criterion, image: Tensor, optimizer: LBFGS | _Adam, rematch: bool
+) -> tuple[dict[str, float], list[float]]:
+    """Evaluate the loss and set ``image.grad``; returns the terms and the optimiser's scalars, read from the
+    device in one transfer. Repeats the evaluation while the gradient scale asks for it (an overflow in the
+    16-bit pass) and raises where the loss or the image gradient is not finite."""
+    scale = criterion.gradient_scale
+    while True:
+        image.grad = None
+        values = criterion(image, rematch=rematch)
+        values["total"].backward()
+        terms = torch.stack([value.detach() for value in values.values()])
+        largest = image.new_zeros(()) if scale.largest is None else scale.largest
+        checks = torch.stack([torch.isfinite(image.grad).all().float(), largest])
+        numbers = torch.cat([terms, checks, optimizer.scalars()]).tolist()  # the one transfer
+        losses = dict(zip(values, numbers, strict=False))
+        finite, largest = numbers[len(values)] == 1, numbers[len(values) + 1]
+        if not scale.update(largest, finite):
+            break
+        rematch = False  # the matches do not depend on the gradient's scale
+    if not (finite and math.isfinite(losses["total"])):
+        raise FusionError(
+            "the loss or its gradient became NaN or infinite; lower the loss weights, use init='content' "
+            "or switch mixed_precision off"
+        )
+    return losses, numbers[len(values) + 2 :]
+
+
+def _reporter(
+    on_progress: Callable[[Progress], None] | None, settings: Settings, level: int, margin: int
+) -> Callable[[int, dict[str, float], Tensor], None]:
+    """The per-iteration report of ``level``: a ``Progress``, with the image (margin cut off) when a preview is
+    due."""
+
+    def report(iteration: int, losses: dict[str, float], image: Tensor) -> None:
+        if on_progress is None:
+            return
+        every, last = settings.preview_every, settings.iterations
+        preview = every > 0 and (iteration % every == 0 or iteration == last)
+        on_progress(
+            Progress(
+                level=level + 1,
+                levels=settings.levels,
+                iteration=iteration,
+                iterations=last,
+                step=level * last + iteration,
+                steps=settings.levels * last,
+                losses=losses,
+                image=_inner(image, margin).detach().clamp(0, 1).clone() if preview else None,
+            )
+        )
+
+    return report
 
 
 def _inner(image: Tensor, margin: int) -> Tensor:
     return image[..., margin : image.shape[-2] - margin, margin : image.shape[-1] - margin]
+
+
+def _apply_colour_mode(content: Tensor, styles: list[StyleTerm], mode: str) -> tuple[Tensor, list[StyleTerm]]:
+    """The content and style images the network sees under colour mode ``mode`` (see colour.py)."""
+    if mode == "none":
+        return content, styles
+    converted: dict[int, Tensor] = {}  # one conversion per distinct style image
+    for style in styles:
+        if id(style.image) not in converted:
+            image = style.image.to(content.device)
+            fixed = luminance_only(image, content) if mode == "luminance" else match_histogram(image, content)
+            converted[id(style.image)] = fixed
+    styles = [replace(style, image=converted[id(style.image)]) for style in styles]
+    return (grey(rgb_to_yiq(content)[:, :1]) if mode == "luminance" else content), styles
 
 
 def _make_autograd_ready(vgg: VGGFeatures) -> None:
@@ -396,7 +263,13 @@ def _make_autograd_ready(vgg: VGGFeatures) -> None:
                     module._buffers[name] = copy
 
 
-def _checked_styles(styles: Sequence[StyleTerm]) -> list[StyleTerm]:
+def _checked_inputs(
+    vgg: VGGFeatures, content: Tensor, styles: Sequence[StyleTerm], settings: Settings
+) -> tuple[Tensor, list[StyleTerm]]:
+    """Every input checked (a FusionError names the first bad one), copied (the caller's tensors are never
+    changed), with ``settings.global_layers`` applied."""
+    settings.validate()
+    content = check_image("content", content).clone()
     if isinstance(styles, (GlobalStyle, LocalStyle)):
         styles = [styles]
     checked = []
@@ -404,88 +277,24 @@ def _checked_styles(styles: Sequence[StyleTerm]) -> list[StyleTerm]:
     for i, style in enumerate(styles):
         if not isinstance(style, (GlobalStyle, LocalStyle)):
             raise FusionError(f"styles[{i}]: expected GlobalStyle or LocalStyle, got {type(style).__name__}")
+        style.validate(f"styles[{i}]")
         if id(style.image) not in images:
             images[id(style.image)] = check_image(f"styles[{i}].image", style.image).clone()
-        image = images[id(style.image)]
-        target_mask = (
-            None if style.target_mask is None else check_mask(f"styles[{i}].target_mask", style.target_mask).clone()
-        )
-        style_mask = (
-            None if style.style_mask is None else check_mask(f"styles[{i}].style_mask", style.style_mask).clone()
-        )
-        checked.append(
-            type(style)(**{**vars(style), "image": image, "target_mask": target_mask, "style_mask": style_mask})
-        )
-    return checked
-
-
-def _check_settings(vgg: VGGFeatures, styles: Sequence[StyleTerm], settings: Settings) -> None:
-    def positive_int(name: str, value: int) -> None:
-        if not isinstance(value, int) or value < 1:
-            raise FusionError(f"{name}: expected a whole number >= 1, got {value!r}")
-
-    def weight(name: str, value: float) -> None:
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise FusionError(f"{name}: expected a finite number >= 0, got {value!r}")
-
-    positive_int("size", settings.size)
-    positive_int("levels", settings.levels)
-    positive_int("iterations", settings.iterations)
-    positive_int("history_size", settings.history_size)
-    positive_int("rematch_every", settings.rematch_every)
-    if settings.matcher not in MATCHERS:
-        raise FusionError(f"matcher: {settings.matcher!r} is not one of {', '.join(MATCHERS)}")
-    if settings.init not in INITS:
-        raise FusionError(f"init: {settings.init!r} is not one of {', '.join(INITS)}")
-    if settings.optimizer not in OPTIMIZERS:
-        raise FusionError(f"optimizer: {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if settings.color not in COLOR_MODES:
-        raise FusionError(f"color: {settings.color!r} is not one of {', '.join(COLOR_MODES)}")
-    for name in ("mixed_precision", "local_all_levels"):  # a string such as "false" would read as on
-        if not isinstance(getattr(settings, name), bool):
-            raise FusionError(f"{name}: expected True or False, got {getattr(settings, name)!r}")
-    if settings.learning_rate is not None and not (
-        isinstance(settings.learning_rate, (int, float)) and 0 < settings.learning_rate < math.inf
-    ):
-        raise FusionError(f"learning_rate: expected a number > 0 or None, got {settings.learning_rate!r}")
-    weight("content_weight", settings.content_weight)
-    weight("tv_weight", settings.tv_weight)
+        changes: dict[str, object] = {"image": images[id(style.image)]}
+        for name in ("target_mask", "style_mask"):
+            if getattr(style, name) is not None:
+                changes[name] = check_mask(f"styles[{i}].{name}", getattr(style, name)).clone()
+        if isinstance(style, GlobalStyle) and settings.global_layers is not None:
+            changes["layers"] = tuple(settings.global_layers)
+        checked.append(replace(style, **changes))
     vgg.check_layers([settings.content_layer])
     if settings.global_layers is not None:
-        if not settings.global_layers or isinstance(settings.global_layers, str):
-            raise FusionError(f"global_layers: give a tuple of at least one layer, got {settings.global_layers!r}")
         vgg.check_layers(settings.global_layers)
-    for i, style in enumerate(styles):
-        weight(f"styles[{i}].weight", style.weight)
-        if not (isinstance(style.scale, (int, float)) and 0.05 <= style.scale <= 8):
-            raise FusionError(f"styles[{i}].scale: expected a number from 0.05 to 8, got {style.scale!r}")
-        if isinstance(style, GlobalStyle):
-            if not style.layers:
-                raise FusionError(f"styles[{i}].layers: give at least one layer")
-            vgg.check_layers(style.layers)
-        else:
-            vgg.check_layers([style.layer])
-            positive_int(f"styles[{i}].patch_size", style.patch_size)
-            positive_int(f"styles[{i}].stride", style.stride)
-    if settings.content_weight == 0 and settings.tv_weight == 0 and all(style.weight == 0 for style in styles):
+    for style in checked:
+        vgg.check_layers(style.feature_layers())
+    if settings.content_weight == 0 and settings.tv_weight == 0 and all(style.weight == 0 for style in checked):
         raise FusionError("weights: all loss weights are zero; give the content or a style term a weight > 0")
-
-
-def _feature_shape(shape: tuple[int, int], layer: str) -> tuple[int, int]:
-    """Spatial shape of ``layer``'s activation for an input of ``shape`` (pools floor-divide by 2)."""
-    h, w = shape
-    pools = int(layer[4:].split("_")[0]) - (0 if layer.startswith("pool") else 1)
-    for _ in range(pools):
-        h, w = h // 2, w // 2
-    return h, w
-
-
-def _masks_at(
-    mask: Tensor | None, shapes: dict[str, tuple[int, int]], device: torch.device
-) -> dict[str, Tensor | None]:
-    if mask is None:
-        return dict.fromkeys(shapes)
-    return {layer: resize_mask(mask, shape).to(device) for layer, shape in shapes.items()}
+    return content, checked
 
 
 def _check_sizes(styles: Sequence[StyleTerm], settings: Settings, shapes: list[tuple[int, int]]) -> None:
@@ -493,7 +302,7 @@ def _check_sizes(styles: Sequence[StyleTerm], settings: Settings, shapes: list[t
     coarsest = shapes[0]
 
     def check(what: str, shape: tuple[int, int], layer: str, minimum: int, advice: str) -> None:
-        if min(_feature_shape(shape, layer)) < minimum:
+        if min(feature_shape(shape, layer)) < minimum:
             raise FusionError(
                 f"{what}: at the coarsest level it is {shape[0]}x{shape[1]} px, too small for {layer}"
                 f"{' with ' + str(minimum) + 'x' + str(minimum) + ' patches' if minimum > 1 else ''}; {advice}"
@@ -502,11 +311,8 @@ def _check_sizes(styles: Sequence[StyleTerm], settings: Settings, shapes: list[t
     advice = f"use a larger size (now {settings.size}) or fewer levels (now {settings.levels})"
     check("size", coarsest, settings.content_layer, 1, advice)
     for i, style in enumerate(styles):
-        style_shape = fit_longest(style.image.shape[-2], style.image.shape[-1], round(max(coarsest) * style.scale))
-        if isinstance(style, GlobalStyle):
-            needs = [(layer, 1) for layer in style.layers]
-        else:
-            needs = [(style.layer, style.patch_size)]
-        for layer, minimum in needs:
+        shape = style_shape(tuple(style.image.shape[-2:]), coarsest, style.scale)
+        minimum = 1 if isinstance(style, GlobalStyle) else style.patch_size
+        for layer in style.feature_layers():
             check("size", coarsest, layer, minimum, advice)
-            check(f"styles[{i}].image", style_shape, layer, minimum, advice + " or a larger style scale")
+            check(f"styles[{i}].image", shape, layer, minimum, advice + " or a larger style scale")

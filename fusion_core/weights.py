@@ -1,4 +1,4 @@
-"""Finding, reading, verifying and downloading VGG weights.
+"""VGG weights: finding, reading, parsing (state dict -> network), verifying and downloading.
 
 Files are read as data only: safetensors, or ``torch.load(weights_only=True)`` for ``.pth``/``.pt``,
 which refuses pickles that would construct arbitrary objects. Every file we write is written to a
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import FusionError
-from .vgg import VGGFeatures, vgg_from_state_dict
+from .vgg import BLOCKS, VGGFeatures
 
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 VGG19_SHA256 = "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44"
@@ -32,6 +32,59 @@ VGG19_FILENAME = "vgg19.safetensors"  # the features-only copy kept after downlo
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 DownloadProgress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
+
+
+def torchvision_conv_indices(arch: str) -> list[int]:
+    """Indices of the conv layers in torchvision's ``vgg*.features`` (conv, relu, ..., pool)."""
+    indices, i = [], 0
+    for n_convs in BLOCKS[arch]:
+        for _ in range(n_convs):
+            indices.append(i)
+            i += 2  # conv, relu
+        i += 1  # pool
+    return indices
+
+
+def vgg_from_state_dict(
+    state: Mapping[str, Tensor],
+    *,
+    convention: str = "torchvision",
+    pooling: str = "max",
+) -> VGGFeatures:
+    """Build the trunk from a torchvision-style state dict (full or features-only)."""
+    features: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("classifier."):
+            continue
+        name = key.removeprefix("module.").removeprefix("features.")
+        if "running_mean" in name or "num_batches_tracked" in name:
+            raise FusionError("weights: batch-norm VGG (vgg*_bn) is not supported; use plain VGG16/VGG19 weights")
+        index, _, param = name.partition(".")
+        if not index.isdigit() or param not in ("weight", "bias"):
+            raise FusionError(
+                f"weights: unexpected key {key!r}; expected torchvision VGG16/VGG19 keys 'features.N.weight/bias'"
+            )
+        features[name] = value
+    indices = sorted({int(k.split(".")[0]) for k in features})
+    arch = {13: "vgg16", 16: "vgg19"}.get(len(indices))
+    if arch is None or indices != torchvision_conv_indices(arch):
+        raise FusionError(
+            f"weights: found {len(indices)} conv layers at features indices {indices[:20]}; "
+            "expected torchvision VGG16 (13 convs) or VGG19 (16 convs)"
+        )
+    convs = []
+    in_channels = 3
+    for i in indices:
+        weight, bias = features.get(f"{i}.weight"), features.get(f"{i}.bias")
+        if weight is None or bias is None:
+            raise FusionError(f"weights: conv features.{i} lacks its weight or bias")
+        if weight.ndim != 4 or weight.shape[1:] != (in_channels, 3, 3) or bias.shape != weight.shape[:1]:
+            raise FusionError(
+                f"weights: features.{i}.weight has shape {tuple(weight.shape)}, expected (out, {in_channels}, 3, 3)"
+            )
+        convs.append((weight.float(), bias.float()))
+        in_channels = weight.shape[0]
+    return VGGFeatures(convs, convention=convention, pooling=pooling)
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:

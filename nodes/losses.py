@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..fusion_core.config import GLOBAL_LAYERS, PAPER_GLOBAL_LAYERS, GlobalStyle, LocalStyle
+from ..fusion_core.config import GLOBAL_LAYERS, PAPER_GLOBAL_LAYERS, GlobalStyle, LocalStyle, defaults
 from .common import CATEGORY, LAYERS, STYLE_LOSSES, chain, parse_layers
 from .tensors import single_mask, split_images
 
-_GLOBAL, _LOCAL = GlobalStyle(image=None), LocalStyle(image=None)  # fusion_core's defaults
+_GLOBAL, _LOCAL = defaults(GlobalStyle), defaults(LocalStyle)  # fusion_core's defaults
 
 STYLE_IMAGE = (
     "IMAGE",

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import torch
 
-from ..fusion_core.colour import COLOR_MODES
-from ..fusion_core.config import INITS, PRESETS, Settings, preset_fields
+from ..fusion_core.config import (
+    COLOR_MODES,
+    INITS,
+    MATCHER_NAMES,
+    OPTIMIZERS,
+    PRESETS,
+    Settings,
+    defaults,
+    preset_fields,
+)
 from ..fusion_core.errors import Cancelled, FusionError
+from ..fusion_core.geometry import fit_longest
 from ..fusion_core.images import to_pil
-from ..fusion_core.matching import MATCHERS
 from ..fusion_core.memory import estimate_bytes
-from ..fusion_core.pyramid import fit_longest
-from ..fusion_core.stylize import OPTIMIZERS, stylize
+from ..fusion_core.stylize import stylize
 from . import comfy
 from .common import CATEGORY, LAYERS, STYLE_LOSSES
 from .tensors import join_images, split_images
 
-_DEFAULTS = Settings()
+_DEFAULTS = defaults(Settings)
 PREVIEW_EVERY = 5  # iterations between live previews on the node
-MATCHER_HELP = {  # for the tooltip; the choices are whatever fusion_core.matching offers
+MATCHER_HELP = {  # for the tooltip; the choices are fusion_core.config.MATCHER_NAMES
     "exact": "compares it with every style patch",
     "fast": "searches a low-dimensional projection first: far cheaper on large images, nearly as exact",
 }
@@ -150,11 +157,11 @@ class FusionStyleFusedOptimize:
                     },
                 ),
                 "matcher": (
-                    list(MATCHERS),
+                    list(MATCHER_NAMES),
                     {
                         "default": _DEFAULTS.matcher,
                         "tooltip": "How the local loss finds each output patch's nearest style patch: "
-                        + "; ".join(f"'{name}' {MATCHER_HELP.get(name, '')}".strip() for name in MATCHERS)
+                        + "; ".join(f"'{name}' {MATCHER_HELP.get(name, '')}".strip() for name in MATCHER_NAMES)
                         + ".",
                     },
                 ),

@@ -149,3 +149,13 @@ def test_gram_and_content_gradients_match_finite_differences():
 def test_content_loss_is_mean_squared_distance_in_energy_units():
     a, b = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
     torch.testing.assert_close(Fn.content_loss(a, b, 2.0), ((a - b) ** 2).sum() / a.numel() / 2.0)
+
+
+def test_positions_last_gives_contiguous_rows_in_either_layout():
+    features = torch.randn(1, 5, 4, 6, generator=torch.Generator().manual_seed(0))
+    expected = features[0].reshape(5, -1).T  # row p = the C values at position p
+    for layout in (torch.contiguous_format, torch.channels_last):
+        rows = Fn.positions_last(features.contiguous(memory_format=layout))
+        assert rows.is_contiguous() and torch.equal(rows, expected)
+    channels_last = features.contiguous(memory_format=torch.channels_last)
+    assert Fn.positions_last(channels_last).data_ptr() == channels_last.data_ptr()  # a view: no copy

@@ -1,4 +1,4 @@
-"""Our L-BFGS takes exactly the steps of torch.optim.LBFGS as the optimiser uses it."""
+"""Our L-BFGS takes exactly the steps of torch.optim.LBFGS as the optimiser uses it, with one host transfer."""
 
 import pytest
 import torch
@@ -9,6 +9,12 @@ from fusion_core.lbfgs import LBFGS
 def objective(x, a, b):
     """Bounded, not convex where a < 0: some curvature pairs fail <y, s> > 0 and are left out."""
     return (a * x.square() + 0.5 * x.pow(4)).sum() + (b @ x.flatten()).square()
+
+
+def ours_step(optimizer, closure):
+    loss = closure()
+    optimizer.step(optimizer.scalars().tolist())
+    return loss
 
 
 def run(make_optimizer, x0, a, b, steps):
@@ -23,7 +29,8 @@ def run(make_optimizer, x0, a, b, steps):
         return loss
 
     for _ in range(steps):
-        path.append(float(optimizer.step(closure).detach()))
+        loss = ours_step(optimizer, closure) if isinstance(optimizer, LBFGS) else optimizer.step(closure)
+        path.append(float(loss.detach()))
     return x.detach(), path, optimizer
 
 
@@ -63,7 +70,7 @@ def test_stops_at_a_stationary_point():
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    ours_step(optimizer, closure)
     assert optimizer.steps == 0 and torch.equal(x.detach(), torch.zeros(3))
 
 
@@ -77,9 +84,29 @@ def test_memory_is_allocated_once():
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    ours_step(optimizer, closure)
     memory = optimizer._memory.data_ptr()
     for _ in range(12):
-        optimizer.step(closure)
+        ours_step(optimizer, closure)
     assert optimizer._memory.data_ptr() == memory
     assert optimizer._memory.shape == (2 * 5 + 3, 64)
+
+
+def test_a_step_reads_nothing_from_the_device_but_its_scalars(monkeypatch):
+    # Every way a Python value is read from a tensor (each one a wait for the GPU there), counted on the CPU.
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    optimizer = LBFGS(x, history_size=3)
+    reads = []
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k)
+        )
+    for _ in range(8):
+        x.grad = None
+        (x.square() + x.pow(4) - x).sum().backward()
+        numbers = optimizer.scalars()
+        reads.clear()
+        optimizer.step(numbers.tolist())
+        assert reads == ["tolist"], reads  # the caller's one transfer; the step itself reads nothing
+    assert optimizer.steps == 8 and len(optimizer.pairs) == 3

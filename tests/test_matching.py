@@ -1,10 +1,13 @@
-"""The chunked nearest-patch search equals a brute-force search, chunk boundaries and ties included."""
+"""The chunked computations of the patch search equal direct ones, chunk boundaries and ties included: the exact
+search against a brute-force search, the fast search's patch products against unfolded patches, its two-stage
+top-k against ``torch.topk``."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion_core.matching import nearest_patches
+from fusion_core.functional import positions_last
+from fusion_core.matching import _patch_dots, _top_candidates, nearest_patches
 
 
 def brute_force(query, style, size, stride, eligible=None):
@@ -46,3 +49,51 @@ def test_style_eligibility_limits_candidates():
     found = nearest_patches(query, style, 3, 1, style_eligible=eligible, max_scores=16)
     assert eligible[found].all()
     assert torch.equal(found, brute_force(query, style, 3, 1, eligible))
+
+
+def direct_dots(query, style, q_index, s_index, size, stride):
+    """<query patch q_index[i], style patch s_index[i, j]> from unfolded patches, in float64."""
+    q = F.unfold(query.double(), size, stride=stride)[0].T
+    s = F.unfold(style.double(), size, stride=stride)[0].T
+    return (q[q_index][:, None, :] * s[s_index]).sum(-1)
+
+
+@pytest.mark.parametrize("budget", [1, 500, 1 << 20])  # 1: one query per chunk; 500: chunks of a few queries
+@pytest.mark.parametrize("stride", [1, 2])
+def test_patch_dots_equal_products_of_unfolded_patches(budget, stride):
+    # Non-square maps of different shapes; integer values, so every float32 sum is exact in any order.
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randint(-3, 4, (1, 5, 11, 8), generator=generator).float()
+    style = torch.randint(-3, 4, (1, 5, 9, 14), generator=generator).float()
+    n_query = F.unfold(query, 3, stride=stride).shape[-1]
+    n_style = F.unfold(style, 3, stride=stride).shape[-1]
+    q_index = torch.randperm(n_query, generator=generator)[: n_query - 2]  # any order, not every patch
+    s_index = torch.randint(0, n_style, (len(q_index), 6), generator=generator)  # duplicates included
+    dots = _patch_dots(
+        positions_last(query), (11, 8), q_index, positions_last(style), (9, 14), s_index, 3, stride, budget
+    )
+    assert dots.dtype == torch.float32
+    assert torch.equal(dots.double(), direct_dots(query, style, q_index, s_index, 3, stride))
+
+
+def test_patch_dots_of_real_valued_maps_match_float64():
+    generator = torch.Generator().manual_seed(4)
+    query, style = torch.randn(1, 16, 12, 10, generator=generator), torch.randn(1, 16, 13, 15, generator=generator)
+    q_index = torch.arange(10 * 8)
+    s_index = torch.randint(0, 11 * 13, (80, 9), generator=generator)
+    dots = _patch_dots(positions_last(query), (12, 10), q_index, positions_last(style), (13, 15), s_index, 3, 1, 3000)
+    torch.testing.assert_close(dots.double(), direct_dots(query, style, q_index, s_index, 3, 1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("length", [4 * 8 * 64, 4 * 8 * 64 + 3, 100, 8])  # two stages, then plain topk
+@pytest.mark.parametrize("ties", [False, True])
+def test_two_stage_top_k_finds_the_k_largest_scores(length, ties):
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(37, length, generator=generator)
+    if ties:  # a few distinct values: many equal scores inside and across groups
+        scores = torch.randint(0, 5, (37, length), generator=generator).float()
+    values, columns = _top_candidates(scores, 8)
+    expected = scores.topk(min(8, length), dim=1).values
+    assert torch.equal(values.sort(1, descending=True).values, expected)
+    assert torch.equal(scores.gather(1, columns), values)
+    assert all(len(set(row)) == len(row) for row in columns.tolist())  # k distinct columns

@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 from unittest.mock import patch
 
@@ -17,12 +16,11 @@ import fusion_style
 import pytest
 import torch
 from fusion_style.fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, VGGFeatures, random_vgg
-from fusion_style.fusion_core.config import INITS, PRESETS
-from fusion_style.fusion_core.matching import MATCHERS
-from fusion_style.fusion_core.stylize import OPTIMIZERS
-from fusion_style.fusion_core.vgg import torchvision_conv_indices
-from fusion_style.fusion_core.weights import save_safetensors_atomic
-from fusion_style.nodes import comfy, loader, optimize
+from fusion_style.fusion_core.config import COLOR_MODES, INITS, MATCHER_NAMES, OPTIMIZERS, PRESETS
+from fusion_style.fusion_core.images import resize
+from fusion_style.fusion_core.stylize import stylize
+from fusion_style.nodes import comfy, optimize
+from helpers import call_node, comfy_images, loss_chain, run_node, write_tiny_vgg
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,84 +38,34 @@ COMFYUI_MODULES = (
     "latent_preview",
     "node_helpers",
 )
-
-
-def run(name: str, **inputs):
-    """Call node ``name``'s function as ComfyUI does: a fresh instance, keyword inputs, inference mode."""
-    node = NODES[name]()
-    with torch.inference_mode():
-        return getattr(node, node.FUNCTION)(**inputs)
-
-
-def images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """A ComfyUI IMAGE (B, H, W, 3), made in inference mode as ComfyUI's loaders make theirs."""
-    with torch.inference_mode():
-        return torch.rand(batch, height, width, 3, generator=torch.Generator().manual_seed(seed))
-
-
-def write_weights(path: Path, arch: str = "vgg16") -> Path:
-    """A seeded random VGG saved with torchvision's key names, as a weights file in models/vgg would be."""
-    vgg = random_vgg(arch, width=4)
-    state = {}
-    for index, conv in zip(torchvision_conv_indices(arch), vgg.convs, strict=True):
-        state[f"features.{index}.weight"] = conv.weight.detach().clone()
-        state[f"features.{index}.bias"] = conv.bias.detach().clone()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(state, path, {"convention": "torchvision"})
-    return path
-
-
-@pytest.fixture
-def vgg() -> VGGFeatures:
-    return random_vgg(width=4)
-
-
-@pytest.fixture
-def models_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "vgg"
-    folder.mkdir()
-    monkeypatch.setattr(comfy, "fallback_models_dir", folder)
-    monkeypatch.setattr(loader, "_cache", type(loader._cache)())
-    return folder
-
-
-def style_losses(style_batch: int = 1, **mask) -> list:
-    (terms,) = run(
-        "FusionStyleGlobalStyleLoss",
-        style_image=images(style_batch, 40, 32, seed=1),
-        weight=20.0,
-        layers="relu1_2,relu2_2,relu3_3",
-        style_scale=1.0,
-        **mask,
-    )
-    (terms,) = run(
-        "FusionStyleLocalPatchLoss",
-        style_image=images(style_batch, 40, 32, seed=1),
-        weight=1e-4,
-        layer="relu3_1",
-        patch_size=3,
-        stride=1,
-        style_scale=1.0,
-        style_losses=terms,
-        **mask,
-    )
-    return terms
+# Fused Style Optimize's inputs in these tests, unless a test overrides them: tiny and quick.
+OPTIMIZE = dict(content_weight=20.0, content_layer="relu3_1", size=32, levels=1, iterations=3, init="random", seed=0)
 
 
 def optimize_inputs(vgg, content, terms, **overrides) -> dict:
-    inputs = dict(
-        vgg=vgg,
-        content_image=content,
-        style_losses=terms,
-        content_weight=20.0,
-        content_layer="relu3_1",
-        size=32,
-        levels=1,
-        iterations=3,
-        init="random",
-        seed=0,
-    )
-    return {**inputs, **overrides}
+    return {"vgg": vgg, "content_image": content, "style_losses": terms, **OPTIMIZE, **overrides}
+
+
+def library_result(vgg, content_image, style_image, *, mask=None, style_scale=1.0, **settings) -> torch.Tensor:
+    """What Fused Style Optimize must give for ``optimize_inputs(vgg, content_image, loss_chain(style_image, ...),
+    **settings)``: fusion_core's stylize called directly, outside inference mode, with the terms and Settings
+    written out by hand from the nodes' inputs (the nodes are a thin translation of them)."""
+
+    def as_library_image(image):  # ComfyUI (1, H, W, 3) -> fusion_core (1, 3, H, W), an ordinary tensor
+        return image.movedim(-1, 1).contiguous()
+
+    style = as_library_image(style_image)
+    target_mask = None if mask is None else mask.reshape(mask.shape[-2:]).clone()
+    terms = [
+        GlobalStyle(
+            style, weight=20.0, layers=("relu1_2", "relu2_2", "relu3_3"), target_mask=target_mask, scale=style_scale
+        ),
+        LocalStyle(
+            style, weight=1e-4, layer="relu3_1", patch_size=3, stride=1, target_mask=target_mask, scale=style_scale
+        ),
+    ]
+    image = stylize(vgg, as_library_image(content_image), terms, Settings(**{**OPTIMIZE, **settings}))
+    return image.movedim(1, -1)
 
 
 # --- the node definitions ----------------------------------------------------------------------------
@@ -185,38 +133,38 @@ def test_seed_has_control_after_generate_and_the_full_range():
 
 
 def test_load_vgg_lists_and_loads_a_file_once(models_dir):
-    path = write_weights(models_dir / "tiny_vgg16.safetensors")
+    path = write_tiny_vgg(models_dir / "tiny_vgg16.safetensors")
     (choices, options) = NODES["FusionStyleLoadVGG"].INPUT_TYPES()["required"]["weights"]
     assert choices == ["vgg19", "tiny_vgg16.safetensors"] and options["default"] == "vgg19"
 
-    (vgg,) = run("FusionStyleLoadVGG", weights="tiny_vgg16.safetensors", convention="auto", pooling="max")
+    (vgg,) = run_node("FusionStyleLoadVGG", weights="tiny_vgg16.safetensors", convention="auto", pooling="max")
     assert isinstance(vgg, VGGFeatures) and vgg.arch == "vgg16"
     assert not any(p.is_inference() for p in vgg.parameters())  # loaded for autograd despite inference mode
-    (again,) = run("FusionStyleLoadVGG", weights="tiny_vgg16.safetensors", convention="auto", pooling="max")
+    (again,) = run_node("FusionStyleLoadVGG", weights="tiny_vgg16.safetensors", convention="auto", pooling="max")
     assert again is vgg
-    (avg,) = run("FusionStyleLoadVGG", weights="tiny_vgg16.safetensors", convention="caffe", pooling="avg")
+    (avg,) = run_node("FusionStyleLoadVGG", weights="tiny_vgg16.safetensors", convention="caffe", pooling="avg")
     assert avg is not vgg and (avg.convention, avg.pooling) == ("caffe", "avg")
 
     before = NODES["FusionStyleLoadVGG"].IS_CHANGED("tiny_vgg16.safetensors", "auto", "max")
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file replaced on disk
     assert NODES["FusionStyleLoadVGG"].IS_CHANGED("tiny_vgg16.safetensors", "auto", "max") != before
-    (reloaded,) = run("FusionStyleLoadVGG", weights="tiny_vgg16.safetensors", convention="auto", pooling="max")
+    (reloaded,) = run_node("FusionStyleLoadVGG", weights="tiny_vgg16.safetensors", convention="auto", pooling="max")
     assert reloaded is not vgg
 
 
 def test_load_vgg_finds_vgg19_in_the_models_folder_without_download(models_dir):
-    write_weights(models_dir / "vgg19.safetensors", arch="vgg19")
-    (vgg,) = run("FusionStyleLoadVGG", weights="vgg19", convention="auto", pooling="max")
+    write_tiny_vgg(models_dir / "vgg19.safetensors", arch="vgg19")
+    (vgg,) = run_node("FusionStyleLoadVGG", weights="vgg19", convention="auto", pooling="max")
     assert vgg.arch == "vgg19"
 
 
 def test_load_vgg_missing_or_bad_file_is_a_clear_error(models_dir):
     with pytest.raises(FusionError, match="weights: 'gone.safetensors' is not in the vgg model folder"):
-        run("FusionStyleLoadVGG", weights="gone.safetensors", convention="auto", pooling="max")
+        run_node("FusionStyleLoadVGG", weights="gone.safetensors", convention="auto", pooling="max")
     (models_dir / "broken.safetensors").write_bytes(b"not a model")
     with pytest.raises(FusionError, match="broken.safetensors is not a readable safetensors file"):
-        run("FusionStyleLoadVGG", weights="broken.safetensors", convention="auto", pooling="max")
+        run_node("FusionStyleLoadVGG", weights="broken.safetensors", convention="auto", pooling="max")
     assert NODES["FusionStyleLoadVGG"].IS_CHANGED("gone.safetensors", "auto", "max") == "missing"
 
 
@@ -225,9 +173,10 @@ def test_load_vgg_missing_or_bad_file_is_a_clear_error(models_dir):
 
 def test_global_loss_makes_a_term_and_chains_without_mutating():
     previous = [LocalStyle(torch.rand(1, 3, 8, 8))]
-    (terms,) = run(
+    style = comfy_images(1, 24, 20)
+    (terms,) = run_node(
         "FusionStyleGlobalStyleLoss",
-        style_image=images(1, 24, 20),
+        style_image=style,
         weight=20.0,
         layers=" relu1_2, relu3_3 ",
         style_scale=2.0,
@@ -236,14 +185,14 @@ def test_global_loss_makes_a_term_and_chains_without_mutating():
     assert len(previous) == 1 and terms[0] is previous[0]
     term = terms[1]
     assert isinstance(term, GlobalStyle)
-    assert term.image.shape == (1, 3, 24, 20)
+    assert torch.equal(term.image, style.movedim(-1, 1))  # the IMAGE as fusion_core's (1, 3, H, W)
     assert (term.weight, term.layers, term.scale, term.target_mask) == (20.0, ("relu1_2", "relu3_3"), 2.0, None)
 
 
 def test_local_loss_makes_a_term():
-    (terms,) = run(
+    (terms,) = run_node(
         "FusionStyleLocalPatchLoss",
-        style_image=images(1, 24, 20),
+        style_image=comfy_images(1, 24, 20),
         weight=1e-4,
         layer="relu2_1",
         patch_size=5,
@@ -256,36 +205,11 @@ def test_local_loss_makes_a_term():
 
 
 def test_style_batch_blends_equally():
-    terms = style_losses(style_batch=3)
+    terms = loss_chain(comfy_images(3, 40, 32, seed=1))
     assert [type(t).__name__ for t in terms] == ["GlobalStyle"] * 3 + ["LocalStyle"] * 3
     assert [t.weight for t in terms[:3]] == pytest.approx([20 / 3] * 3)
     assert [t.weight for t in terms[3:]] == pytest.approx([1e-4 / 3] * 3)
     assert len({id(t.image) for t in terms[:3]}) == 3
-
-
-def style_pair(style_image, blend, previous=None) -> list:
-    """A Global + Local loss pair for one style at ``blend``, chained after ``previous``."""
-    (terms,) = run(
-        "FusionStyleGlobalStyleLoss",
-        style_image=style_image,
-        weight=20.0,
-        layers="relu1_2,relu2_2,relu3_3",
-        style_scale=1.0,
-        style_losses=previous,
-        blend=blend,
-    )
-    (terms,) = run(
-        "FusionStyleLocalPatchLoss",
-        style_image=style_image,
-        weight=1e-4,
-        layer="relu3_1",
-        patch_size=3,
-        stride=1,
-        style_scale=1.0,
-        style_losses=terms,
-        blend=blend,
-    )
-    return terms
 
 
 def test_blend_defaults_to_one_and_stays_in_0_1():
@@ -295,24 +219,25 @@ def test_blend_defaults_to_one_and_stays_in_0_1():
 
 
 def test_blend_multiplies_the_weight_on_top_of_the_batch_split():
-    a = style_pair(images(1, 40, 32, seed=1), blend=0.7)
-    ab = style_pair(images(2, 40, 32, seed=2), blend=0.3, previous=a)
+    a = loss_chain(comfy_images(1, 40, 32, seed=1), blend=0.7)
+    ab = loss_chain(comfy_images(2, 40, 32, seed=2), blend=0.3, style_losses=a)
     assert [t.weight for t in ab] == pytest.approx([20 * 0.7, 1e-4 * 0.7] + [20 * 0.3 / 2] * 2 + [1e-4 * 0.3 / 2] * 2)
-    assert [t.weight for t in style_pair(images(1, 40, 32), blend=None)] == [20.0, 1e-4]  # not given: 1
-    assert [t.weight for t in style_pair(images(1, 40, 32), blend=0.0)] == [0.0, 0.0]  # a zero-weight term
+    assert [t.weight for t in loss_chain(comfy_images(1, 40, 32), blend=None)] == [20.0, 1e-4]  # not given: 1
+    assert [t.weight for t in loss_chain(comfy_images(1, 40, 32), blend=0.0)] == [0.0, 0.0]  # a zero-weight term
 
 
-def test_blend_one_to_zero_reproduces_the_single_style_exactly(vgg):
-    style_a, style_b, content = images(1, 40, 32, seed=1), images(1, 36, 36, seed=2), images(1, 32, 32, seed=3)
-    single = style_pair(style_a, blend=1.0)
-    both = style_pair(style_b, blend=0.0, previous=style_pair(style_a, blend=1.0))
+def test_blend_one_to_zero_reproduces_the_single_style_exactly(node_vgg):
+    vgg, style_a, style_b = node_vgg, comfy_images(1, 40, 32, seed=1), comfy_images(1, 36, 36, seed=2)
+    content = comfy_images(1, 32, 32, seed=3)
+    single = loss_chain(style_a, blend=1.0)
+    both = loss_chain(style_b, blend=0.0, style_losses=loss_chain(style_a, blend=1.0))
     assert len(both) == 4
-    (alone,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, single, levels=2))
-    (blended,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, both, levels=2))
+    (alone,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, single, levels=2))
+    (blended,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, both, levels=2))
     assert torch.equal(alone, blended)
     # ... and the other style does count when it has a share.
-    mixed = style_pair(style_b, blend=0.5, previous=style_pair(style_a, blend=0.5))
-    (half,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, mixed, levels=2))
+    mixed = loss_chain(style_b, blend=0.5, style_losses=loss_chain(style_a, blend=0.5))
+    (half,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, mixed, levels=2))
     assert not torch.equal(alone, half)
 
 
@@ -324,30 +249,33 @@ def test_blend_one_to_zero_reproduces_the_single_style_exactly(vgg):
     ],
 )
 def test_masks_are_single(name, inputs):
-    inputs = dict(style_image=images(1, 16, 16), weight=1.0, style_scale=1.0, **inputs)
-    for mask in (torch.ones(12, 10), torch.ones(1, 12, 10)):
-        (terms,) = run(name, mask=mask, style_mask=mask, **inputs)
-        assert terms[0].target_mask.shape == terms[0].style_mask.shape == (12, 10)
+    inputs = dict(style_image=comfy_images(1, 16, 16), weight=1.0, style_scale=1.0, **inputs)
+    plane = torch.rand(12, 10, generator=torch.Generator().manual_seed(0))
+    for mask in (plane, plane[None]):  # ComfyUI's MASK: (H, W) or a batch of one
+        (terms,) = run_node(name, mask=mask, style_mask=mask, **inputs)
+        assert torch.equal(terms[0].target_mask, plane) and torch.equal(terms[0].style_mask, plane)
     with pytest.raises(FusionError, match="mask: expected one mask, got a batch of 2"):
-        run(name, mask=torch.ones(2, 12, 10), **inputs)
+        run_node(name, mask=torch.ones(2, 12, 10), **inputs)
 
 
 def test_bad_layers_are_a_clear_error():
     with pytest.raises(FusionError, match="layers: unknown layer.*'relu9_9'.*valid: relu1_1"):
-        run(
+        run_node(
             "FusionStyleGlobalStyleLoss",
-            style_image=images(1, 16, 16),
+            style_image=comfy_images(1, 16, 16),
             weight=1.0,
             layers="relu1_1,relu9_9",
             style_scale=1.0,
         )
     with pytest.raises(FusionError, match="layers: give at least one layer"):
-        run("FusionStyleGlobalStyleLoss", style_image=images(1, 16, 16), weight=1.0, layers=" , ", style_scale=1.0)
+        run_node(
+            "FusionStyleGlobalStyleLoss", style_image=comfy_images(1, 16, 16), weight=1.0, layers=" , ", style_scale=1.0
+        )
 
 
 def test_bad_image_is_a_clear_error():
     with pytest.raises(FusionError, match=r"style_image: expected a ComfyUI IMAGE of shape \(batch, height, width"):
-        run(
+        run_node(
             "FusionStyleLocalPatchLoss",
             style_image=torch.rand(16, 16, 3),
             weight=1.0,
@@ -361,51 +289,69 @@ def test_bad_image_is_a_clear_error():
 # --- Fused Style Optimize --------------------------------------------------------------------------------
 
 
-def test_optimize_runs_in_inference_mode_at_the_content_aspect_ratio(vgg):
-    (image,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, images(1, 30, 45), style_losses(), size=48))
+def test_optimize_under_inference_mode_equals_the_call_outside_it(node_vgg, style_terms):
+    content = comfy_images(1, 30, 45)
+    inputs = optimize_inputs(node_vgg, content, style_terms, size=48, init="content")
+    (image,) = run_node("FusionStyleFusedOptimize", **inputs)  # under torch.inference_mode(), as ComfyUI runs it
     assert image.shape == (1, 32, 48, 3) and image.dtype == torch.float32 and image.device.type == "cpu"
     assert image.min() >= 0 and image.max() <= 1
+    (outside,) = call_node("FusionStyleFusedOptimize", **inputs)
+    torch.testing.assert_close(image, outside, rtol=0, atol=0)
+    # ... and the optimisation did run: the result has moved from its start, the content at the output size.
+    start = resize(content.movedim(-1, 1), (32, 48)).movedim(1, -1)
+    assert (image - start).abs().mean() > 1e-3
 
 
-def test_optimize_batch_gives_each_result_as_if_alone(vgg):
-    contents = images(2, 32, 32, seed=5)
-    terms = style_losses()
-    (batch,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, contents, terms))
-    (second,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, contents[1:], terms))
+def test_optimize_batch_gives_each_result_as_if_alone(node_vgg, style_terms):
+    contents = comfy_images(2, 32, 32, seed=5)
+    (batch,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(node_vgg, contents, style_terms))
+    (second,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(node_vgg, contents[1:], style_terms))
     assert batch.shape == (2, 32, 32, 3)
     torch.testing.assert_close(batch[1:], second)
     assert not torch.equal(batch[0], batch[1])
 
 
-def test_optimize_seed_and_init(vgg):
-    content, terms = images(1, 32, 32), style_losses()
-    (a,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, seed=0xFFFFFFFFFFFFFFFF))
-    (b,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, seed=0xFFFFFFFFFFFFFFFF))
-    (c,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, seed=1))
+def test_optimize_seed_and_init(node_vgg, content_image, style_image, style_terms):
+    vgg, content, terms = node_vgg, content_image, style_terms
+    (a,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, seed=0xFFFFFFFFFFFFFFFF))
+    (b,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, seed=0xFFFFFFFFFFFFFFFF))
+    (c,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, seed=1))
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
-    (d,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, init="content", levels=2))
-    assert d.shape == (1, 32, 32, 3)
+    (d,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, init="content", levels=2))
+    torch.testing.assert_close(d, library_result(vgg, content, style_image, init="content", levels=2))
+    assert (d - a).abs().max() > 1e-2  # not the random start's result
 
 
-def test_optimize_with_masked_styles(vgg):
-    mask = torch.zeros(1, 32, 32)
+def test_optimize_with_masked_styles_is_the_library_call_with_the_mask(node_vgg, content_image, style_image):
+    mask = torch.zeros(1, 32, 32)  # a ComfyUI MASK: the styles on the right half only
     mask[:, :, 16:] = 1
-    (image,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, images(1, 32, 32), style_losses(mask=mask)))
-    assert image.shape == (1, 32, 32, 3)
+    terms = loss_chain(style_image, mask=mask)
+    (masked,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(node_vgg, content_image, terms))
+    torch.testing.assert_close(masked, library_result(node_vgg, content_image, style_image, mask=mask))
+    # Against the same styles unmasked, the result changes most where the mask switches them off.
+    unmasked = library_result(node_vgg, content_image, style_image)
+    change = (masked - unmasked).abs()
+    assert change[:, :, :16].mean() > 2 * change[:, :, 16:].mean()
 
 
-def test_optimize_color_mode(vgg):
-    (image,) = run(
-        "FusionStyleFusedOptimize", **optimize_inputs(vgg, images(1, 32, 32), style_losses(), color="luminance")
+@pytest.mark.parametrize("color", COLOR_MODES)
+def test_optimize_with_each_colour_mode_is_the_library_call_with_it(
+    node_vgg, content_image, style_image, style_terms, color
+):
+    (image,) = run_node(
+        "FusionStyleFusedOptimize", **optimize_inputs(node_vgg, content_image, style_terms, color=color)
     )
-    assert image.shape == (1, 32, 32, 3)
+    expected = library_result(node_vgg, content_image, style_image, color=color)
+    torch.testing.assert_close(image, expected)
+    if color != "none":  # the mode changes the result: a node that dropped it would fail above
+        assert (expected - library_result(node_vgg, content_image, style_image)).abs().max() > 1e-3
 
 
 def test_optimize_new_inputs_default_to_the_library_defaults():
     optional = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["optional"]
     defaults = Settings()
-    assert optional["optimizer"][0] == list(OPTIMIZERS) and optional["matcher"][0] == list(MATCHERS)
+    assert optional["optimizer"][0] == list(OPTIMIZERS) and optional["matcher"][0] == list(MATCHER_NAMES)
     for name in ("color", "optimizer", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
         assert optional[name][1]["default"] == getattr(defaults, name), name
     required = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["required"]
@@ -416,52 +362,46 @@ def test_optimize_new_inputs_default_to_the_library_defaults():
     assert optional["rematch_every"][1]["min"] == 1
 
 
-def capture_settings(monkeypatch, vgg, **inputs) -> Settings:
+def capture_settings(fake_stylize, vgg, content, terms, **inputs) -> Settings:
     """The Settings Fused Style Optimize hands to fusion_core for ``inputs``."""
-    captured = []
-
-    def fake_stylize(vgg, content, styles, settings, **kwargs):
-        captured.append(settings)
-        return content
-
-    monkeypatch.setattr(optimize, "stylize", fake_stylize)
-    run("FusionStyleFusedOptimize", **optimize_inputs(vgg, images(1, 32, 32), style_losses(), **inputs))
-    (settings,) = captured
+    calls = fake_stylize(optimize)
+    run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, **inputs))
+    (settings,) = calls
     return settings
 
 
-def test_optimize_optimiser_inputs_reach_fusion_core(monkeypatch, vgg):
+def test_optimize_optimiser_inputs_reach_fusion_core(fake_stylize, node_vgg, content_image, style_terms):
+    given = (fake_stylize, node_vgg, content_image, style_terms)
     settings = capture_settings(
-        monkeypatch, vgg, optimizer="adam", learning_rate=0.05, tv_weight=5.0, matcher="exact", rematch_every=4
+        *given, optimizer="adam", learning_rate=0.05, tv_weight=5.0, matcher="exact", rematch_every=4
     )
     assert (settings.optimizer, settings.learning_rate, settings.tv_weight) == ("adam", 0.05, 5.0)
     assert (settings.matcher, settings.rematch_every) == ("exact", 4)
-    settings = capture_settings(
-        monkeypatch, vgg, optimizer="lbfgs", learning_rate=0.0, tv_weight=0.0, mixed_precision=False
-    )
+    settings = capture_settings(*given, optimizer="lbfgs", learning_rate=0.0, tv_weight=0.0, mixed_precision=False)
     assert settings.learning_rate is None  # 0: the optimiser's own default
     assert settings.mixed_precision is False
-    defaults, omitted = Settings(), capture_settings(monkeypatch, vgg)  # an old workflow without the new inputs
+    defaults, omitted = Settings(), capture_settings(*given)  # an old workflow without the new inputs
     for name in ("color", "optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
         assert getattr(omitted, name) == getattr(defaults, name), name
     assert (omitted.local_all_levels, omitted.global_layers) == (False, None)  # no preset input: the default one
 
 
-def test_optimize_paper_preset_wins_over_the_widgets(monkeypatch, vgg):
-    settings = capture_settings(monkeypatch, vgg, init="recolored", tv_weight=10.0, preset="paper")
+def test_optimize_paper_preset_wins_over_the_widgets(fake_stylize, node_vgg, content_image, style_terms):
+    given = (fake_stylize, node_vgg, content_image, style_terms)
+    settings = capture_settings(*given, init="recolored", tv_weight=10.0, preset="paper")
     assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("random", 0.0, True)
     assert settings.global_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_2")
-    settings = capture_settings(monkeypatch, vgg, init="content", tv_weight=3.0, preset="default")
+    settings = capture_settings(*given, init="content", tv_weight=3.0, preset="default")
     assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("content", 3.0, False)
     with pytest.raises(FusionError, match="preset: 'gatys' is not one of default, paper"):
-        capture_settings(monkeypatch, vgg, preset="gatys")
+        capture_settings(*given, preset="gatys")
 
 
-def test_optimize_with_adam_and_tv(vgg):
-    content, terms = images(1, 32, 32), style_losses()
-    (lbfgs,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms))
-    (adam,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, optimizer="adam"))
-    (smooth,) = run(
+def test_optimize_with_adam_and_tv(node_vgg, content_image, style_terms):
+    vgg, content, terms = node_vgg, content_image, style_terms
+    (lbfgs,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms))
+    (adam,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, optimizer="adam"))
+    (smooth,) = run_node(
         "FusionStyleFusedOptimize", **optimize_inputs(vgg, content, terms, optimizer="adam", tv_weight=1000.0)
     )
     assert adam.shape == smooth.shape == (1, 32, 32, 3) and not torch.equal(lbfgs, adam)
@@ -473,107 +413,35 @@ def test_optimize_with_adam_and_tv(vgg):
     assert roughness(smooth) < roughness(adam)
 
 
-@pytest.mark.parametrize("matcher", list(MATCHERS))
-def test_optimize_with_each_matcher(vgg, matcher):
-    inputs = optimize_inputs(vgg, images(1, 32, 32), style_losses(), matcher=matcher, rematch_every=2)
-    (image,) = run("FusionStyleFusedOptimize", **inputs)
-    assert image.shape == (1, 32, 32, 3)
+@pytest.mark.parametrize("matcher", MATCHER_NAMES)
+def test_optimize_with_each_matcher_is_the_library_call_with_it(node_vgg, content_image, style_image, matcher):
+    # A style at twice the output's size and six iterations: enough style patches and searches for the two
+    # matchers to pick different ones (on fewer they agree, and a node that dropped the input would pass).
+    terms = loss_chain(style_image, style_scale=2.0)
+    given = dict(rematch_every=2, iterations=6)
+    (image,) = run_node(
+        "FusionStyleFusedOptimize", **optimize_inputs(node_vgg, content_image, terms, matcher=matcher, **given)
+    )
+    expected = {
+        name: library_result(node_vgg, content_image, style_image, style_scale=2.0, matcher=name, **given)
+        for name in MATCHER_NAMES
+    }
+    torch.testing.assert_close(image, expected[matcher])
+    assert (expected["fast"] - expected["exact"]).abs().max() > 1e-3
 
 
-def test_optimize_bad_settings_are_clear_errors(vgg):
+def test_optimize_bad_settings_are_clear_errors(node_vgg, content_image, style_terms):
     with pytest.raises(FusionError, match="size: at the coarsest level"):
-        run("FusionStyleFusedOptimize", **optimize_inputs(vgg, images(1, 32, 32), style_losses(), size=64, levels=6))
+        run_node("FusionStyleFusedOptimize", **optimize_inputs(node_vgg, content_image, style_terms, size=64, levels=6))
     vgg16 = random_vgg("vgg16", width=4)
     with pytest.raises(FusionError, match="layers: unknown layer.*'relu3_4' for vgg16"):
-        run(
+        run_node(
             "FusionStyleFusedOptimize",
-            **optimize_inputs(vgg16, images(1, 32, 32), style_losses(), content_layer="relu3_4"),
+            **optimize_inputs(vgg16, content_image, style_terms, content_layer="relu3_4"),
         )
 
 
 # --- ComfyUI's services, faked ---------------------------------------------------------------------------
-
-
-class FakeComfyUI:
-    """The parts of ComfyUI the pack uses, recording what it is asked to do."""
-
-    def __init__(self, base: Path) -> None:
-        self.interrupted = False
-        self.interrupt_at: int | None = None  # progress value at which the user "cancels"
-        self.updates: list[tuple] = []
-        self.calls: list[str] = []
-        fake = self
-
-        mm = types.ModuleType("comfy.model_management")
-        mm.InterruptProcessingException = type("InterruptProcessingException", (Exception,), {})
-        mm.get_torch_device = lambda: torch.device("cpu")
-        mm.unet_offload_device = lambda: fake.calls.append("offload") or torch.device("cpu")
-        mm.free_memory = lambda num_bytes, device: fake.calls.append("free_memory")
-        mm.soft_empty_cache = lambda: fake.calls.append("soft_empty_cache")
-        mm.processing_interrupted = lambda: fake.interrupted
-
-        def throw_exception_if_processing_interrupted():
-            if fake.interrupted:
-                fake.interrupted = False
-                raise mm.InterruptProcessingException()
-
-        mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
-
-        class ProgressBar:
-            def __init__(self, total):
-                self.total = total
-
-            def update_absolute(self, value, total=None, preview=None):
-                fake.updates.append((value, total, preview))
-                if value == fake.interrupt_at:
-                    fake.interrupted = True
-
-        utils = types.ModuleType("comfy.utils")
-        utils.ProgressBar = ProgressBar
-        cli_args = types.ModuleType("comfy.cli_args")
-        cli_args.args = types.SimpleNamespace(preview_size=256)
-        package = types.ModuleType("comfy")
-        package.model_management, package.utils, package.cli_args = mm, utils, cli_args
-
-        fp = types.ModuleType("folder_paths")  # the semantics of ComfyUI's folder_paths, in brief
-        fp.models_dir = str(base / "models")
-        fp.folder_names_and_paths = {}
-
-        def add_model_folder_path(name, path, is_default=False):
-            if name not in fp.folder_names_and_paths:
-                fp.folder_names_and_paths[name] = ([path], set())
-            elif path not in fp.folder_names_and_paths[name][0]:
-                paths = fp.folder_names_and_paths[name][0]
-                paths.insert(0, path) if is_default else paths.append(path)
-
-        def get_filename_list(name):
-            paths, extensions = fp.folder_names_and_paths[name]
-            found = {f.name for p in paths if os.path.isdir(p) for f in Path(p).iterdir() if f.is_file()}
-            return sorted(f for f in found if not extensions or os.path.splitext(f)[1] in extensions)
-
-        def get_full_path(name, filename):
-            paths = [os.path.join(p, filename) for p in fp.folder_names_and_paths[name][0]]
-            return next((p for p in paths if os.path.isfile(p)), None)
-
-        fp.add_model_folder_path = add_model_folder_path
-        fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
-        fp.get_filename_list, fp.get_full_path = get_filename_list, get_full_path
-        self.mm, self.folder_paths = mm, fp
-        self.modules = {
-            "comfy": package,
-            "comfy.model_management": mm,
-            "comfy.utils": utils,
-            "comfy.cli_args": cli_args,
-            "folder_paths": fp,
-        }
-
-
-@pytest.fixture
-def comfyui(tmp_path, monkeypatch):
-    fake = FakeComfyUI(tmp_path)
-    monkeypatch.setattr(loader, "_cache", type(loader._cache)())
-    with patch.dict(sys.modules, fake.modules):
-        yield fake
 
 
 def test_models_folder_extends_extra_model_paths(comfyui, tmp_path):
@@ -585,18 +453,19 @@ def test_models_folder_extends_extra_model_paths(comfyui, tmp_path):
     assert fp.get_folder_paths("vgg") == [str(tmp_path / "shared_vgg"), default]
     assert fp.folder_names_and_paths["vgg"][1] == {".safetensors", ".pth", ".pt"}
 
-    write_weights(Path(default) / "tiny.safetensors")
+    write_tiny_vgg(Path(default) / "tiny.safetensors")
     (Path(default) / "readme.txt").write_text("not a model")
     (choices, _) = NODES["FusionStyleLoadVGG"].INPUT_TYPES()["required"]["weights"]
     assert choices == ["vgg19", "tiny.safetensors"]
-    (vgg,) = run("FusionStyleLoadVGG", weights="tiny.safetensors", convention="auto", pooling="max")
+    (vgg,) = run_node("FusionStyleLoadVGG", weights="tiny.safetensors", convention="auto", pooling="max")
     assert vgg.arch == "vgg16"
     assert comfy.models_dirs()[0] == str(tmp_path / "shared_vgg")  # where vgg19 would be downloaded
 
 
-def test_optimize_uses_comfyui_device_progress_and_preview(comfyui, vgg):
-    inputs = optimize_inputs(vgg, images(2, 32, 32), style_losses(), levels=2, iterations=optimize.PREVIEW_EVERY)
-    (image,) = run("FusionStyleFusedOptimize", **inputs)
+def test_optimize_uses_comfyui_device_progress_and_preview(comfyui, node_vgg, style_terms):
+    contents = comfy_images(2, 32, 32)
+    inputs = optimize_inputs(node_vgg, contents, style_terms, levels=2, iterations=optimize.PREVIEW_EVERY)
+    (image,) = run_node("FusionStyleFusedOptimize", **inputs)
     assert image.shape == (2, 32, 32, 3)
     steps = 2 * optimize.PREVIEW_EVERY
     assert [value for value, _, _ in comfyui.updates] == list(range(1, 2 * steps + 1))
@@ -609,19 +478,22 @@ def test_optimize_uses_comfyui_device_progress_and_preview(comfyui, vgg):
     assert comfyui.calls == ["free_memory", "offload", "soft_empty_cache"]
 
 
-def test_cancel_stops_within_one_iteration_and_the_next_run_works(comfyui, vgg):
+def test_cancel_stops_within_one_iteration_and_the_next_run_works(
+    comfyui, node_vgg, content_image, style_image, style_terms
+):
     comfyui.interrupt_at = 2
-    inputs = optimize_inputs(vgg, images(1, 32, 32), style_losses(), iterations=50)
+    inputs = optimize_inputs(node_vgg, content_image, style_terms, iterations=50)
     with pytest.raises(comfyui.mm.InterruptProcessingException):
-        run("FusionStyleFusedOptimize", **inputs)
+        run_node("FusionStyleFusedOptimize", **inputs)
     assert [value for value, _, _ in comfyui.updates] == [1, 2]
     assert not comfyui.interrupted  # ComfyUI's flag is cleared by its own exception
     assert comfyui.calls[-2:] == ["offload", "soft_empty_cache"]  # the model is put away after a cancel too
 
     comfyui.interrupt_at = None
     comfyui.updates.clear()
-    (image,) = run("FusionStyleFusedOptimize", **{**inputs, "iterations": 3})
-    assert image.shape == (1, 32, 32, 3) and len(comfyui.updates) == 3
+    (image,) = run_node("FusionStyleFusedOptimize", **{**inputs, "iterations": 3})
+    assert len(comfyui.updates) == 3
+    torch.testing.assert_close(image, library_result(node_vgg, content_image, style_image, iterations=3))
 
 
 def test_without_comfyui_the_services_fall_back():
@@ -689,25 +561,25 @@ print(sorted(module.NODE_CLASS_MAPPINGS))
 # --- robustness of the IMAGE inputs ------------------------------------------------------------------
 
 
-def test_rgba_and_grey_images_are_converted(vgg):
-    rgb = images(1, 24, 32, seed=3)
+def test_rgba_and_grey_images_are_converted(node_vgg, style_terms):
+    vgg, terms = node_vgg, style_terms
+    rgb = comfy_images(1, 24, 32, seed=3)
     with torch.inference_mode():
         rgba = torch.cat([rgb, torch.rand(1, 24, 32, 1)], -1)
         grey = rgb[..., :1]
-    terms = style_losses()
-    (from_rgba,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgba, terms))
-    (from_rgb,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgb, terms))
+    (from_rgba,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgba, terms))
+    (from_rgb,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgb, terms))
     assert torch.equal(from_rgba, from_rgb)  # the alpha channel is ignored
-    (from_grey,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, grey, terms))
-    (from_grey3,) = run("FusionStyleFusedOptimize", **optimize_inputs(vgg, grey.expand(-1, -1, -1, 3), terms))
+    (from_grey,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, grey, terms))
+    (from_grey3,) = run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, grey.expand(-1, -1, -1, 3), terms))
     assert torch.equal(from_grey, from_grey3)
     with pytest.raises(FusionError, match=r"content_image: expected a ComfyUI IMAGE .* got \(1, 24, 32, 2\)"):
-        run("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgb[..., :2], terms))
+        run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgb[..., :2], terms))
 
 
-def test_a_failing_batch_item_is_named(vgg):
+def test_a_failing_batch_item_is_named(node_vgg, style_terms):
     with torch.inference_mode():
-        batch = images(3, 24, 32, seed=4).clone()
+        batch = comfy_images(3, 24, 32, seed=4).clone()
         batch[2, 0, 0, 0] = float("nan")
     with pytest.raises(FusionError, match=r"content_image\[2\] \(of a batch of 3\): content: the image contains NaN"):
-        run("FusionStyleFusedOptimize", **optimize_inputs(vgg, batch, style_losses()))
+        run_node("FusionStyleFusedOptimize", **optimize_inputs(node_vgg, batch, style_terms))

@@ -6,22 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import smooth_image, tiny_vgg
+from helpers import tiny_vgg
 
-from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, stylize
+from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings
+from fusion_core.images import resize_mask
 from fusion_core.memory import check_memory, estimate_bytes
+from fusion_core.stylize import stylize
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def vgg():
-    return tiny_vgg("vgg19", width=4)
-
-
-def test_memory_estimate_grows_with_the_area():
+def test_memory_estimate_grows_with_the_area(style):
     vgg = tiny_vgg("vgg19", width=64)  # real widths: the estimate depends on them
-    style = smooth_image(64, 64, seed=1)
     styles = [GlobalStyle(style), LocalStyle(style)]
     small = estimate_bytes(vgg, (512, 512), styles, Settings())
     large = estimate_bytes(vgg, (1024, 1024), styles, Settings())
@@ -29,8 +25,7 @@ def test_memory_estimate_grows_with_the_area():
     assert estimate_bytes(vgg, (1024, 1024), styles, Settings(optimizer="adam")) < large
 
 
-def test_a_run_that_cannot_fit_is_refused_with_the_estimate_and_a_size_that_fits(vgg):
-    style = smooth_image(64, 64, seed=1)
+def test_a_run_that_cannot_fit_is_refused_with_the_estimate_and_a_size_that_fits(vgg, style):
     styles = [GlobalStyle(style), LocalStyle(style)]
     settings = Settings(size=4096)
     needed = estimate_bytes(vgg, (4096, 4096), styles, settings)
@@ -42,12 +37,12 @@ def test_a_run_that_cannot_fit_is_refused_with_the_estimate_and_a_size_that_fits
     check_memory(vgg, (4096, 4096), styles, settings, available=needed * 2)  # fits: no error
 
 
-def test_huge_request_is_refused_before_any_work(vgg, monkeypatch):
+def test_huge_request_is_refused_before_any_work(vgg, content, style, monkeypatch):
     monkeypatch.setattr("fusion_core.memory.available_bytes", lambda device: 64 * 2**20)
     calls = []
     monkeypatch.setattr(type(vgg), "forward", lambda *a, **k: calls.append(1))
     with pytest.raises(FusionError, match="needs about"):
-        stylize(vgg, smooth_image(64, 64, seed=1), [GlobalStyle(smooth_image(64, 64, seed=2))], Settings(size=3000))
+        stylize(vgg, content, [GlobalStyle(style)], Settings(size=3000))
     assert calls == []
 
 
@@ -59,29 +54,29 @@ def test_huge_request_is_refused_before_any_work(vgg, monkeypatch):
         (torch.ones(2, 8, 8), r"target_mask: expected one mask of shape \(H, W\), got shape \(2, 8, 8\)"),
     ],
 )
-def test_bad_masks(vgg, mask, message):
-    style = smooth_image(48, 48, seed=2)
+def test_bad_masks(vgg, content, style, mask, message):
     with pytest.raises(FusionError, match=message):
-        stylize(vgg, smooth_image(48, 48, seed=1), [GlobalStyle(style, target_mask=mask)], Settings(size=48, levels=1))
+        stylize(vgg, content, [GlobalStyle(style, target_mask=mask)], Settings(size=48, levels=1))
 
 
-def test_masks_of_another_size_or_range_are_resized_and_clamped(vgg):
-    style = smooth_image(48, 48, seed=2)
-    mask = torch.full((1, 13, 29), 3.0)  # batch of one, wrong size, values above 1
-    mask[..., :10] = -1.0
-    out = stylize(
-        vgg,
-        smooth_image(48, 48, seed=1),
-        [GlobalStyle(style, target_mask=mask), LocalStyle(style)],
-        Settings(size=48, levels=1, iterations=2),
-    )
-    assert out.shape == (1, 3, 48, 48)
+def test_a_mask_of_another_size_or_range_is_the_mask_clamped_and_resized_to_the_output(vgg, content, style):
+    mask = torch.full((1, 13, 29), 3.0)  # batch of one, wrong size, values above 1 ...
+    mask[..., :10] = -1.0  # ... and below 0
+    settings = Settings(size=64, levels=1, iterations=2)  # one level at the content's own 48x64
+
+    def run(target_mask):
+        return stylize(vgg, content, [GlobalStyle(style, target_mask=target_mask), LocalStyle(style)], settings)
+
+    out = run(mask)
+    # The same as clamping it to 0..1 and stretching it to the output's size by area (resize_mask) beforehand ...
+    torch.testing.assert_close(out, run(resize_mask(mask[0].clamp(0, 1), (48, 64))))
+    # ... and the mask counts: without it the global style applies everywhere.
+    assert (out - run(None)).abs().max() > 1e-3
 
 
-def test_patch_size_larger_than_the_feature_map(vgg):
-    style = smooth_image(48, 48, seed=2)
+def test_patch_size_larger_than_the_feature_map(vgg, content, style):
     with pytest.raises(FusionError, match="too small for relu3_1 with 15x15 patches"):
-        stylize(vgg, smooth_image(48, 48, seed=1), [LocalStyle(style, patch_size=15)], Settings(size=48, levels=1))
+        stylize(vgg, content, [LocalStyle(style, patch_size=15)], Settings(size=48, levels=1))
 
 
 def test_import_does_no_network_access_and_no_heavy_work():

@@ -1,27 +1,22 @@
 """The optimiser end to end on a tiny seeded network, and once on the trained VGG16."""
 
-import sys
+import importlib
 from dataclasses import replace
 
 import pytest
 import torch
 from helpers import IMAGES, TRAINED_VGG16, smooth_image, tiny_vgg
 
-from fusion_core import Cancelled, FusionError, GlobalStyle, LocalStyle, Settings, load_image, load_vgg, stylize
+import fusion_core.stylize as stylize_module
+from fusion_core import Cancelled, FusionError, GlobalStyle, LocalStyle, Settings, lean_backward, load_image, load_vgg
 from fusion_core import functional as Fn
-from fusion_core import vgg as vgg_module
 from fusion_core.config import preset
-from fusion_core.images import resize
-from fusion_core.stylize import build_criterion, carry_up, styles_at_level
-
-stylize_module = sys.modules["fusion_core.stylize"]  # the package's ``stylize`` attribute is the function
+from fusion_core.criterion import build_criterion, styles_at_level
+from fusion_core.geometry import border_margin
+from fusion_core.images import mirror_pad, resize
+from fusion_core.stylize import carry_up, stylize
 
 FAST = dict(size=48, levels=2, iterations=6)
-
-
-@pytest.fixture(scope="module")
-def vgg():
-    return tiny_vgg("vgg19", width=4)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +26,38 @@ def images():
 
 def fused(style):
     return [GlobalStyle(style), LocalStyle(style)]
+
+
+def test_the_package_names_the_module_not_the_function():
+    import fusion_core
+
+    assert stylize_module is importlib.import_module("fusion_core.stylize") is fusion_core.stylize
+    assert stylize_module.stylize is stylize and callable(stylize)
+
+
+def test_an_iteration_reads_from_the_device_once(vgg, images, monkeypatch):
+    # Every way Python reads a value out of a tensor (on a GPU, each one waits for the device), counted between
+    # two progress reports: the loss terms, the finite check and L-BFGS's scalars travel together.
+    content, style = images
+    reads, per_iteration = [], []
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def record(progress):
+        per_iteration.append((progress.level, progress.iteration, list(reads)))
+        reads.clear()
+
+    settings = Settings(**{**FAST, "iterations": 7}, matcher="fast")  # full searches and propagation rounds
+    stylize(vgg, content, fused(style), settings, on_progress=record)
+    # The first iteration of a level also builds its criterion (set-up, once per level).
+    steady = [found for level, iteration, found in per_iteration if iteration > 1]
+    assert len(steady) == 2 * 6 and all(found == ["tolist"] for found in steady), per_iteration
 
 
 def test_output_shape_keeps_the_content_aspect_ratio(vgg, images):
@@ -144,7 +171,7 @@ def test_a_shallow_term_gets_its_gradient_after_the_deeper_layers(vgg, images, m
     content, style = images
     criterion = build_criterion(vgg, content, [GlobalStyle(style)], Settings(size=48, content_weight=0), (32, 48))
     events = []
-    gram, conv = Fn._Gram.backward, vgg_module._FrozenConvReLU.backward
+    gram, conv = Fn._Gram.backward, lean_backward._FrozenConvReLU.backward
 
     def gram_backward(ctx, grad):
         events.append(("gram", ctx.saved_tensors[0].shape[-1]))  # positions of the layer
@@ -155,7 +182,7 @@ def test_a_shallow_term_gets_its_gradient_after_the_deeper_layers(vgg, images, m
         return conv(ctx, grad)
 
     monkeypatch.setattr(Fn._Gram, "backward", staticmethod(gram_backward))
-    monkeypatch.setattr(vgg_module._FrozenConvReLU, "backward", staticmethod(conv_backward))
+    monkeypatch.setattr(lean_backward._FrozenConvReLU, "backward", staticmethod(conv_backward))
     criterion(resize(content, (32, 48)).requires_grad_(True), rematch=True)["total"].backward()
     full = 32 * 48
     first_gram = events.index(("gram", full))
@@ -367,14 +394,14 @@ def test_a_margin_scores_the_mirrored_canvas_with_the_content_and_masks_padded_a
     padded_mask = torch.nn.functional.pad(mask[None, None], (margin,) * 4, mode="replicate")[0, 0]
     direct = build_criterion(
         vgg,
-        stylize_module.mirror_pad(resize(content, shape), margin),
+        mirror_pad(resize(content, shape), margin),
         [replace(t, target_mask=padded_mask, scale=0.8) for t in terms],
         settings,
         (shape[0] + 2 * margin, shape[1] + 2 * margin),
     )
-    x = stylize_module.mirror_pad(smooth_image(*shape, seed=9), margin)
+    x = mirror_pad(smooth_image(*shape, seed=9), margin)
     a, b = with_margin(x, rematch=True), direct(x, rematch=True)
     assert set(a) == set(b) == {"global", "local", "content", "tv", "total"}
     for name in a:
         assert float(a[name]) == pytest.approx(float(b[name]), rel=1e-6), name
-    assert stylize_module.border_margin((341, 512)) == 8 and stylize_module.border_margin((24, 32)) == 4
+    assert border_margin((341, 512)) == 8 and border_margin((24, 32)) == 4

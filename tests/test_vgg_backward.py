@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import smooth_image, tiny_vgg
 
+from fusion_core import lean_backward
 from fusion_core import vgg as vgg_module
 
 
@@ -64,9 +65,9 @@ LAYERS = {
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels-last", "nchw"])
 def test_gradient_equals_a_plain_pass(arch, pooling, band, layout, monkeypatch):
     if band is not None:  # a conv's backward pass in bands of rows (1 row, or a few with a partial last band)
-        monkeypatch.setattr(vgg_module, "BACKWARD_BAND", band)
+        monkeypatch.setattr(lean_backward, "BACKWARD_BAND", band)
     if layout == torch.contiguous_format:  # as on a device without fast channels-last convolutions
-        monkeypatch.setattr(vgg_module, "CHANNELS_LAST_DEVICES", ())
+        monkeypatch.setattr(vgg_module, "memory_format", lambda device: torch.contiguous_format)
     vgg = tiny_vgg(arch, width=4, pooling=pooling)
     image = smooth_image(37, 42, seed=1)  # odd sizes: pools drop a row and a column
     layers = LAYERS[arch]

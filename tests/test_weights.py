@@ -13,8 +13,8 @@ from helpers import TRAINED_VGG16, smooth_image, tiny_vgg
 from safetensors.torch import save_file
 
 from fusion_core import FusionError, load_vgg, vgg_from_state_dict
-from fusion_core.vgg import BLOCKS, torchvision_conv_indices
-from fusion_core.weights import VGG19_FILENAME, download_vgg19, read_state_dict
+from fusion_core.vgg import BLOCKS
+from fusion_core.weights import VGG19_FILENAME, download_vgg19, read_state_dict, torchvision_conv_indices
 
 LAYERS = ["relu1_1", "relu2_2", "relu3_1", "relu4_2"]
 

@@ -1,0 +1,183 @@
+"""The loss of one pyramid level: a1 * global + a2 * local + a3 * content (+ TV), with its targets.
+
+``build_criterion`` computes the targets at the level's size once (content features, style Grams, style patch
+banks); ``Criterion`` evaluates the weighted terms on an image, running the VGG pass in 16 bits where the
+device has them (precision.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import LOCAL_MIN_STYLE_SIDE, GlobalStyle, LocalStyle, Settings, StyleTerm
+from .errors import FusionError
+from .functional import patch_weights
+from .geometry import feature_shape, style_shape, with_margin
+from .images import mirror_pad, resize, resize_mask
+from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
+from .precision import GradientScale, autocast, float32_region, mixed_dtype
+from .vgg import VGGFeatures
+
+Term = tuple[str, float, torch.nn.Module]  # (kind: "global" / "local" / "content", weight, loss module)
+
+
+class Criterion:
+    """The weighted loss terms of one pyramid level, evaluated on an image."""
+
+    def __init__(self, vgg: VGGFeatures, terms: list[Term], tv_weight: float = 0.0, mixed_precision: bool = False):
+        self.vgg, self.terms, self.tv_weight = vgg, terms, tv_weight
+        # float16 on CUDA, bfloat16 on a CPU with bfloat16 instructions, else None; see precision.py
+        self.half_dtype = mixed_dtype(vgg.device, mixed_precision)
+        self.gradient_scale = GradientScale(enabled=self.half_dtype is not None)
+        self.layers = {layer for _, _, module in terms for layer in module.layers}
+        self.due: dict[str, list[Term]] = {}  # deepest layer of a term -> the terms evaluated there
+        for term in terms:
+            self.due.setdefault(max(term[2].layers, key=vgg.names.index), []).append(term)
+
+    def __call__(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
+        """The weighted terms by kind, and their "total"; ``rematch``: search the nearest style patches again.
+
+        Each term is evaluated as soon as the VGG pass has produced its layers. Autograd runs the most
+        recently recorded operations first, so a term on a shallow layer then gets its gradient (as large
+        as the layer) only when the backward pass reaches that layer, rather than holding it through the
+        whole backward pass: ~0.4 GB less at the peak at 1024 px.
+        """
+        device, scale = self.vgg.device, self.gradient_scale
+        activations: dict[str, Tensor] = {}  # as the network gives them: 16-bit under autocast
+        features: dict[str, Tensor] = {}  # as the losses see them: float32
+        values: dict[str, Tensor] = {}
+
+        def evaluate(name: str, activation: Tensor) -> None:
+            activations[name] = activation
+            features[name] = scale.out_of_half(name, activation)
+            for kind, weight, module in self.due.get(name, ()):
+                if rematch and isinstance(module, PatchLoss):
+                    module.match(activations)  # the patch search runs under autocast too
+                with float32_region(device):
+                    values[kind] = values.get(kind, 0.0) + weight * module(features)
+
+        with autocast(device, self.half_dtype):  # the VGG pass and the patch search only
+            if self.layers:
+                self.vgg(scale.into_half(image), self.layers, on_layer=evaluate)
+        if self.tv_weight > 0:
+            values["tv"] = self.tv_weight * TVLoss()(image)
+        values["total"] = sum(values.values())
+        return values
+
+
+def styles_at_level(
+    styles: Sequence[StyleTerm], settings: Settings, shape: tuple[int, int], last: bool
+) -> list[StyleTerm]:
+    """The style terms used at a level of output ``shape``.
+
+    Unless ``settings.local_all_levels``, the local terms start at the first level whose style image is
+    LOCAL_MIN_STYLE_SIDE px on its longest side (always at the last level): below that a patch of the local
+    loss (32 px for 3x3 patches on relu3_1) is a whole motif of the style, a face or a hat, which the
+    nearest-patch pull would paste into the photo's sky or water. The coarse levels, which lay out colour and
+    large forms, are left to the global and content terms.
+    """
+    if settings.local_all_levels or last:
+        return list(styles)
+    return [
+        style
+        for style in styles
+        if not isinstance(style, LocalStyle) or round(max(shape) * style.scale) >= LOCAL_MIN_STYLE_SIDE
+    ]
+
+
+def build_criterion(
+    vgg: VGGFeatures,
+    content: Tensor,
+    styles: Sequence[StyleTerm],
+    settings: Settings,
+    shape: tuple[int, int],
+    *,
+    margin: int = 0,
+) -> Criterion:
+    """Targets for one level: content features, style Grams and style patch banks at this size.
+
+    With a ``margin``, the criterion scores the image of ``shape`` with that mirrored border around it (see
+    ``geometry.border_margin``): the content and the target masks get the same border.
+    """
+    canvas = with_margin(shape, margin)
+    device = content.device
+
+    def on_canvas(mask: Tensor | None) -> Tensor | None:
+        if mask is None or margin == 0:
+            return mask
+        return F.pad(resize_mask(mask, shape)[None, None], (margin,) * 4, mode="replicate")[0, 0]
+
+    with torch.no_grad():
+        terms: list[Term] = []
+        feature_cache: dict[tuple[int, float], dict[str, Tensor]] = {}
+
+        def style_features(style: StyleTerm, layers: Sequence[str]) -> dict[str, Tensor]:
+            # Each style image is resized and run through the network once per level and scale.
+            cached = feature_cache.setdefault((id(style.image), style.scale), {})
+            missing = [layer for layer in layers if layer not in cached]
+            if missing:
+                size = style_shape(tuple(style.image.shape[-2:]), shape, style.scale)
+                cached.update(vgg(resize(style.image.to(device), size), missing))
+            return {layer: cached[layer] for layer in layers}
+
+        active = [style for style in styles if style.weight > 0]
+        for style in active:
+            layers = style.feature_layers()
+            features = style_features(style, layers)
+            target_masks = _masks_at(
+                on_canvas(style.target_mask), {l: feature_shape(canvas, l) for l in layers}, device
+            )
+            style_masks = _masks_at(style.style_mask, {l: tuple(f.shape[-2:]) for l, f in features.items()}, device)
+            if isinstance(style, GlobalStyle):
+                # One module per layer (the loss is their mean), each evaluated as soon as its layer exists.
+                for layer in layers:
+                    gram = GramLoss({layer: features[layer]}, {layer: style_masks[layer]}, {layer: target_masks[layer]})
+                    terms.append(("global", style.weight / len(layers), gram))
+            else:
+                terms.append(("local", style.weight, _patch_loss(style, features, style_masks, target_masks, settings)))
+        if settings.content_weight > 0:
+            layer = settings.content_layer
+            target = vgg(mirror_pad(resize(content, shape), margin), [layer])[layer]
+            # The content distance's unit: the styles' mean squared activation on its layer (losses.py).
+            energies = [style_features(style, [layer])[layer].square().mean() for style in active]
+            energy = float(torch.stack(energies).mean() if energies else target.square().mean())
+            terms.append(("content", settings.content_weight, ContentLoss(layer, target, energy)))
+        return Criterion(vgg, terms, settings.tv_weight, settings.mixed_precision)
+
+
+def _patch_loss(
+    style: LocalStyle,
+    features: dict[str, Tensor],
+    style_masks: dict[str, Tensor | None],
+    target_masks: dict[str, Tensor | None],
+    settings: Settings,
+) -> PatchLoss:
+    layer = style.layer
+    eligible = weights = None
+    if style_masks[layer] is not None:
+        eligible = patch_weights(style_masks[layer], style.patch_size, style.stride) >= 0.5
+        if not eligible.any():
+            raise FusionError("style_mask: the region is too small to hold one style patch at this size")
+    if target_masks[layer] is not None:
+        weights = patch_weights(target_masks[layer], style.patch_size, style.stride)
+    return PatchLoss(
+        layer,
+        features[layer],
+        style.patch_size,
+        style.stride,
+        style_eligible=eligible,
+        target_weights=weights,
+        matcher=settings.matcher,
+    )
+
+
+def _masks_at(
+    mask: Tensor | None, shapes: dict[str, tuple[int, int]], device: torch.device
+) -> dict[str, Tensor | None]:
+    if mask is None:
+        return dict.fromkeys(shapes)
+    return {layer: resize_mask(mask, shape).to(device) for layer, shape in shapes.items()}

@@ -1,0 +1,58 @@
+"""The memory estimate counts each kind of tensor at its size, and the CUDA check counts PyTorch's cached blocks."""
+
+import pytest
+import torch
+from helpers import smooth_image, tiny_vgg
+
+from fusion_core import GlobalStyle, LocalStyle, Settings, memory
+from fusion_core.precision import GradientScale, autocast
+
+
+def saved_bytes(vgg, image, layers, half):
+    """Bytes autograd keeps for the backward pass of the VGG pass as the criterion runs it, with a loss that keeps
+    each returned layer as the losses see it (each storage once; the network's own weights left out)."""
+    weights = {p.untyped_storage().data_ptr() for p in vgg.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    scale = GradientScale(enabled=half is not None)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast(image.device, half):
+        activations = vgg(scale.into_half(image.clone().requires_grad_(True)), layers)
+        sum(scale.out_of_half(name, value).square().sum() for name, value in activations.items())
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("half", [None, torch.float16], ids=["float32", "float16"])
+def test_kept_bytes_match_what_the_pass_keeps(half):
+    # float16 as CUDA runs it, emulated on the CPU: activations at 2 bytes, the losses' copies at 4.
+    shape = (96, 128)
+    vgg = tiny_vgg(width=8)
+    layers = {"relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"}
+    measured = saved_bytes(vgg, smooth_image(*shape, seed=3), layers, half)
+    counted = memory.kept_bytes(vgg, shape, layers, half)
+    assert counted * 0.95 <= measured <= counted * 1.05, (counted, measured)
+
+
+def test_mixed_precision_on_cuda_is_estimated_smaller(monkeypatch):
+    vgg = tiny_vgg(width=8)
+    style = smooth_image(64, 64, seed=2)
+    styles = [GlobalStyle(style), LocalStyle(style)]
+    full = memory.estimate_bytes(vgg, (1024, 1024), styles, Settings(mixed_precision=False))
+    monkeypatch.setattr(memory, "mixed_dtype", lambda device, wanted=True: torch.float16 if wanted else None)
+    half = memory.estimate_bytes(vgg, (1024, 1024), styles, Settings())
+    assert half < full
+    assert memory.estimate_bytes(vgg, (1024, 1024), styles, Settings(mixed_precision=False)) == full
+
+
+def test_cuda_memory_available_counts_the_cached_blocks(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    # 1 GiB the driver has free, and 4 GiB PyTorch holds for reuse that no tensor occupies
+    assert memory.available_bytes(torch.device("cuda")) == 5 * gib

@@ -1,0 +1,257 @@
+"""Mixed precision: which 16-bit type runs where, the gradient scale, and agreement with float32 (CPU, CUDA)."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import smooth_image, tiny_vgg
+
+import fusion_core.criterion as criterion_module
+import fusion_core.stylize as stylize_module
+from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, precision
+from fusion_core.config import PAPER_GLOBAL_LAYERS
+from fusion_core.criterion import build_criterion
+from fusion_core.lbfgs import LBFGS
+from fusion_core.stylize import stylize
+
+NATIVE_BFLOAT16 = precision.native_bfloat16  # the real probe (conftest replaces it during tests)
+NO_GPU = "no CUDA GPU here: the float16 autocast path only runs on CUDA"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_mixed_precision_applies_where_the_hardware_has_16_bit_floats(native, monkeypatch):
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: native)
+    assert precision.mixed_dtype(torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert precision.mixed_dtype("cuda") == torch.float16
+    assert precision.mixed_dtype("cuda", wanted=False) is None
+    assert precision.mixed_dtype("cpu", wanted=False) is None
+    assert precision.mixed_dtype("mps") is None
+
+
+def test_native_bfloat16_follows_the_cpu_probes(monkeypatch):
+    monkeypatch.setattr(precision, "native_bfloat16", NATIVE_BFLOAT16)
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert precision.native_bfloat16() == (avx512_bf16 or amx)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert not precision.native_bfloat16()  # no oneDNN: bfloat16 convolutions would not use the instructions
+
+
+def test_gradient_scaling_is_exact_and_neutral():
+    # The 16-bit pass scales gradients up on the way in and back down at the image: powers of two, exact.
+    grads = []
+    for enabled in (False, True):
+        scale = precision.GradientScale(enabled)
+        scale.scale = 2.0**20
+        x = torch.linspace(-3, 3, 12).reshape(3, 4).requires_grad_(True)
+        out = scale.out_of_half("f", scale.into_half(x) * 3)
+        (out.square().sum() * 1e-9).backward()
+        grads.append(x.grad)
+        if enabled:  # it saw the gradient entering the pass, unscaled: d/dout of 1e-9 * out^2 = 2e-9 * out
+            assert torch.equal(scale.largest, (2e-9 * (3 * x.detach()).abs()).amax())
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_gradient_scale_follows_the_gradients_and_backs_off_on_overflow():
+    scale = precision.GradientScale(True)
+    for largest in (3e-9, 1e-4, 700.0):
+        assert scale.update(largest, finite=True) is False
+        # a power of two that puts the largest gradient in (TARGET / 2, TARGET]
+        assert math.log2(scale.scale).is_integer() and scale.TARGET / 2 < largest * scale.scale <= scale.TARGET
+    scale.scale = 2.0**30
+    assert scale.update(float("inf"), finite=False) is True and scale.scale == 2.0**22  # retry, smaller
+    scale.scale = scale.FLOOR
+    assert scale.update(float("nan"), finite=False) is False  # nothing left to try: the caller raises
+    off = precision.GradientScale(False)
+    assert off.update(1e-9, finite=False) is False and off.scale == off.START
+
+
+def test_float32_region_never_asks_torch_for_an_autocast_it_lacks(monkeypatch):
+    # torch 2.1-2.4 raise for torch.autocast("mps", ...); those versions have no is_autocast_available either.
+    def strict_autocast(device_type, *args, **kwargs):
+        if device_type not in ("cpu", "cuda"):
+            raise RuntimeError(f"User specified an unsupported autocast device_type '{device_type}'")
+        return real_autocast(device_type, *args, **kwargs)
+
+    real_autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", strict_autocast)
+    monkeypatch.delattr(torch.amp, "is_autocast_available", raising=False)
+    with precision.float32_region(torch.device("mps")):
+        pass
+    with torch.autocast("cpu", dtype=torch.bfloat16), precision.float32_region(torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32  # the region autocast does not reach
+
+
+def test_device_choices():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert precision.accumulation_dtype(cpu) == torch.float64
+    assert precision.accumulation_dtype(cuda) == precision.accumulation_dtype(mps) == torch.float32  # no float64
+    assert precision.banded_backward(cpu) and not precision.banded_backward(cuda)
+    assert precision.memory_format(mps) == torch.contiguous_format
+
+
+def _float16_on_cpu(monkeypatch):
+    """The CUDA path (float16 autocast, the dynamic gradient scale) emulated on the CPU."""
+    monkeypatch.setattr(criterion_module, "mixed_dtype", lambda device, wanted=True: torch.float16 if wanted else None)
+
+
+def _gradient(criterion, image):
+    x = image.clone().requires_grad_(True)
+    criterion(x, rematch=True)["total"].backward()
+    return x.grad
+
+
+def test_float16_path_emulated_on_cpu_gives_the_float32_gradient(monkeypatch):
+    # 384 px through a narrow Caffe-convention VGG19 (activations ~50x torchvision's, like the trained network's):
+    # the losses are relative errors averaged over positions, so the gradients entering the 16-bit pass are
+    # ~1e-6 here and shrink with the image's area; unscaled, float16 flushes many of them to zero.
+    _float16_on_cpu(monkeypatch)
+    h, w = 288, 384
+    content, style = smooth_image(h, w, seed=1), smooth_image(w, w, seed=2)
+    vgg = tiny_vgg(width=8, convention="caffe")
+    styles = [GlobalStyle(style), LocalStyle(style)]
+    half = build_criterion(vgg, content, styles, Settings(size=w, levels=1), (h, w))
+    full = build_criterion(vgg, content, styles, Settings(size=w, levels=1, mixed_precision=False), (h, w))
+    assert half.half_dtype == torch.float16 and full.half_dtype is None
+    image = smooth_image(h, w, seed=3)
+    reference = _gradient(full, image)
+
+    def error(scale: float | None) -> float:
+        if scale is None:  # the dynamic scale, set from the previous evaluation's gradients
+            half.gradient_scale.update(float(half.gradient_scale.largest), finite=True)
+        else:
+            half.gradient_scale.scale = scale
+        found = _gradient(half, image)
+        assert F.cosine_similarity(found.flatten(), reference.flatten(), dim=0) > (0.995 if scale is None else 0)
+        return float((found - reference).norm() / reference.norm())
+
+    unscaled = error(1.0)
+    scaled = error(None)
+    largest = float(half.gradient_scale.largest)
+    assert largest < 1e-4 and largest * half.gradient_scale.scale > half.gradient_scale.TARGET / 2
+    # What remains is float16's rounding of the forward pass (~7%), not underflow.
+    assert scaled < 0.1 and scaled < 0.6 * unscaled, (scaled, unscaled)
+
+
+def test_an_overflow_in_float16_is_retried_with_a_smaller_scale(monkeypatch):
+    _float16_on_cpu(monkeypatch)
+    content, style = smooth_image(48, 64, seed=1), smooth_image(64, 64, seed=2)
+    styles = [GlobalStyle(style, layers=PAPER_GLOBAL_LAYERS), LocalStyle(style)]
+    half = build_criterion(tiny_vgg(), content, styles, Settings(size=64, levels=1), (48, 64))
+    half.gradient_scale.scale = 2.0**60  # every gradient entering the pass overflows float16
+    image = smooth_image(48, 64, seed=3).requires_grad_(True)
+    optimizer = LBFGS(image)
+    losses, numbers = stylize_module._evaluate(half, image, optimizer, rematch=True)
+    assert torch.isfinite(image.grad).all() and half.gradient_scale.scale < 2.0**30
+    full = build_criterion(tiny_vgg(), content, styles, Settings(size=64, levels=1, mixed_precision=False), (48, 64))
+    assert F.cosine_similarity(image.grad.flatten(), _gradient(full, image.detach()).flatten(), dim=0) > 0.99
+
+
+def test_a_non_finite_gradient_stops_the_run_with_a_clear_error(monkeypatch):
+    content, style = smooth_image(24, 32, seed=1), smooth_image(32, 32, seed=2)
+    criterion = build_criterion(tiny_vgg(), content, [GlobalStyle(style)], Settings(size=32, levels=1), (24, 32))
+    _, _, gram = criterion.terms[0]
+    monkeypatch.setattr(gram, "forward", lambda features: features["relu1_1"].sqrt().sum() * float("nan"))
+    image = smooth_image(24, 32, seed=3).requires_grad_(True)
+    with pytest.raises(FusionError, match="NaN or infinite"):
+        stylize_module._evaluate(criterion, image, LBFGS(image), rematch=True)
+
+
+def record_activation_dtypes(vgg, dtypes):
+    """Make ``vgg`` append the dtype of every activation it returns to ``dtypes``."""
+    forward = vgg.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        dtypes.extend(value.dtype for value in out.values())
+        return out
+
+    vgg.forward = recording
+
+
+def check_mixed_against_float32(criterion, device, half, rtol, min_cosine):
+    """``criterion`` (mixed precision) runs the VGG pass in ``half`` and its losses and gradient in float32, and
+    agrees with a float32 criterion on the same image."""
+    image = smooth_image(24, 32, seed=3).to(device)
+    dtypes = []
+    record_activation_dtypes(criterion.vgg, dtypes)
+    x = image.clone().requires_grad_(True)
+    values = criterion(x, rematch=True)
+    values["total"].backward()
+    assert dtypes and set(dtypes) == {half}
+    assert all(v.dtype == torch.float32 for v in values.values())
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    reference = _criterion(device, False)
+    y = image.clone().requires_grad_(True)
+    expected = reference(y, rematch=True)
+    expected["total"].backward()
+    torch.testing.assert_close(values["total"], expected["total"], rtol=rtol, atol=0)
+    assert F.cosine_similarity(x.grad.flatten(), y.grad.flatten(), dim=0) > min_cosine
+
+
+def _criterion(device, mixed_precision):
+    content, style = smooth_image(24, 32, seed=1).to(device), smooth_image(32, 32, seed=2).to(device)
+    vgg = tiny_vgg().to(device)
+    settings = Settings(size=32, levels=1, mixed_precision=mixed_precision)
+    # Not relu5_1: at 24 x 32 px it has two positions, whose Gram matrix in 16 bits is mostly rounding.
+    global_style = GlobalStyle(style, layers=PAPER_GLOBAL_LAYERS)
+    return build_criterion(vgg, content, [global_style, LocalStyle(style)], settings, (24, 32))
+
+
+def test_criterion_on_a_cpu_without_bfloat16_is_float32_whatever_the_setting(monkeypatch):
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: False)
+    image = smooth_image(24, 32, seed=3)
+    results = []
+    for mixed in (False, True):
+        criterion = _criterion("cpu", mixed)
+        assert criterion.half_dtype is None
+        x = image.clone().requires_grad_(True)
+        values = criterion(x, rematch=True)
+        values["total"].backward()
+        results.append((values["total"].detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_cpu_mixed_precision_runs_vgg_in_bfloat16_and_losses_in_float32(monkeypatch):
+    # Forced on, so it runs on any CPU (without bfloat16 instructions it is only slower), with the path
+    # CUDA's float16 takes: the same casts, gradient scaling and float32 losses.
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    criterion = _criterion("cpu", True)
+    assert criterion.half_dtype == torch.bfloat16
+    # bfloat16 keeps 8 significant bits: on this tiny random network the Gram term's gradient alone agrees with
+    # float32 to a cosine of ~0.97, the local and content terms' to ~0.98-0.99.
+    check_mixed_against_float32(criterion, "cpu", torch.bfloat16, rtol=5e-2, min_cosine=0.96)
+
+
+def test_stylize_in_bfloat16_reaches_the_float32_result(monkeypatch):
+    # The whole optimisation with the bfloat16 pass: its result, scored by a float32 criterion, is as good as
+    # the float32 run's from the same start. Not equal: the two runs take different paths (at this tiny size
+    # the final loss varies by ~10% between seeds in either precision).
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
+    content, style = smooth_image(24, 32, seed=1), smooth_image(32, 32, seed=2)
+    styles = [GlobalStyle(style), LocalStyle(style)]
+    settings = Settings(size=32, levels=1, iterations=40, seed=3)
+    vgg = tiny_vgg(width=8)
+    dtypes = []
+    record_activation_dtypes(vgg, dtypes)
+    judge = build_criterion(vgg, content, styles, Settings(size=32, levels=1, mixed_precision=False), (24, 32))
+    start = judge(torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(3)), rematch=True)["total"]
+    final = {}
+    for mixed in (True, False):
+        dtypes.clear()
+        image = stylize(vgg, content, styles, replace(settings, mixed_precision=mixed))
+        assert (torch.bfloat16 in dtypes) == mixed  # the targets are computed in float32 either way
+        final[mixed] = float(judge(image, rematch=True)["total"])
+    assert max(final.values()) < 0.5 * float(start)
+    assert abs(final[True] - final[False]) < 0.15 * final[False], final
+
+
+@cuda
+def test_cuda_mixed_precision_runs_vgg_in_float16_and_losses_in_float32():
+    criterion = _criterion("cuda", True)
+    assert criterion.half_dtype == torch.float16
+    check_mixed_against_float32(criterion, "cuda", torch.float16, rtol=2e-2, min_cosine=0.99)
