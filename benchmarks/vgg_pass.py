@@ -37,7 +37,7 @@ def pass_seconds(vgg, image: torch.Tensor, dtype: torch.dtype | None, channels_l
     x = image.clone().requires_grad_(True)
     start = time.perf_counter()
     with autocast(x.device, dtype):
-        features = [scale.out_of_half(name, value) for name, value in vgg(scale.into_half(x), LAYERS).items()]
+        features = [scale.for_losses(value) for value in vgg(scale.unscale_at(x), LAYERS).values()]
     # sum() / numel rather than mean(): mean's gradient comes back channels-first (see functional.content_loss)
     sum(f.square().sum() / f.numel() for f in features).backward()
     return time.perf_counter() - start

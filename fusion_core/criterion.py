@@ -53,7 +53,7 @@ class Criterion:
 
         def evaluate(name: str, activation: Tensor) -> None:
             activations[name] = activation
-            features[name] = scale.out_of_half(name, activation)
+            features[name] = scale.for_losses(activation)
             for kind, weight, module in self.due.get(name, ()):
                 if rematch and isinstance(module, PatchLoss):
                     module.match(activations)  # the patch search runs under autocast too
@@ -62,7 +62,7 @@ class Criterion:
 
         with autocast(device, self.half_dtype):  # the VGG pass and the patch search only
             if self.layers:
-                self.vgg(scale.into_half(image), self.layers, on_layer=evaluate)
+                self.vgg(scale.unscale_at(image), self.layers, on_layer=evaluate)
         if self.tv_weight > 0:
             values["tv"] = self.tv_weight * TVLoss()(image)
         values["total"] = sum(values.values())

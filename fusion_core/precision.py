@@ -144,15 +144,17 @@ class GradientScale:
         self.scale = self.START
         self.largest: Tensor | None = None  # this evaluation's largest unscaled gradient entering the pass
 
-    def into_half(self, image: Tensor) -> Tensor:
-        """The image as it enters the 16-bit pass: its gradient is unscaled on the way out."""
+    def unscale_at(self, image: Tensor) -> Tensor:
+        """``image``, marked so that the gradient reaching it is divided by the scale again (where the 16-bit pass
+        begins); it also starts a new evaluation's measure."""
         self.largest = None
         if not (self.enabled and image.requires_grad):
             return image
         return _ScaleGradient.apply(image, 1.0 / self.scale, None)
 
-    def out_of_half(self, name: str, activation: Tensor) -> Tensor:
-        """An activation as the losses see it: float32, its gradient scaled up before it turns 16-bit."""
+    def for_losses(self, activation: Tensor) -> Tensor:
+        """A 16-bit activation as the losses see it: float32, their gradient multiplied by the scale (and measured)
+        before it enters the 16-bit backward pass."""
         if not self.enabled:
             return activation
         return _ScaleGradient.apply(activation.float(), self.scale, self)

@@ -22,8 +22,8 @@ def saved_bytes(vgg, image, layers, half):
 
     scale = GradientScale(enabled=half is not None)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast(image.device, half):
-        activations = vgg(scale.into_half(image.clone().requires_grad_(True)), layers)
-        sum(scale.out_of_half(name, value).square().sum() for name, value in activations.items())
+        activations = vgg(scale.unscale_at(image.clone().requires_grad_(True)), layers)
+        sum(scale.for_losses(value).square().sum() for value in activations.values())
     return sum(storages.values())
 
 

@@ -48,7 +48,7 @@ def test_gradient_scaling_is_exact_and_neutral():
         scale = precision.GradientScale(enabled)
         scale.scale = 2.0**20
         x = torch.linspace(-3, 3, 12).reshape(3, 4).requires_grad_(True)
-        out = scale.out_of_half("f", scale.into_half(x) * 3)
+        out = scale.for_losses(scale.unscale_at(x) * 3)
         (out.square().sum() * 1e-9).backward()
         grads.append(x.grad)
         if enabled:  # it saw the gradient entering the pass, unscaled: d/dout of 1e-9 * out^2 = 2e-9 * out
