@@ -39,7 +39,7 @@ def test_default_run_on_cuda_reaches_the_cpu_float32_result():
     judge = build_criterion(vgg, content, styles, Settings(size=64, levels=1, mixed_precision=False), (48, 64))
     start = float(judge(content, rematch=True)["total"])
     scores = {name: float(judge(image.cpu(), rematch=True)["total"]) for name, image in (("cpu", cpu), ("gpu", gpu))}
-    assert scores["gpu"] < 0.7 * start and abs(scores["gpu"] - scores["cpu"]) < 0.15 * scores["cpu"], scores
+    assert scores["gpu"] < 0.8 * start and abs(scores["gpu"] - scores["cpu"]) < 0.15 * scores["cpu"], scores
 
 
 def test_fast_matcher_with_propagation_on_cuda():
