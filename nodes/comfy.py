@@ -91,12 +91,22 @@ def progress_bar(total: int) -> ProgressUpdate:
     if utils is None:
         return lambda done, preview=None: None
     bar = utils.ProgressBar(total)
-    size = preview_size()
+    cap = preview_size()
 
     def update(done: int, preview: Image.Image | None = None) -> None:
-        bar.update_absolute(done, total, None if preview is None else ("JPEG", preview, size))
+        bar.update_absolute(done, total, None if preview is None else ("JPEG", preview, preview_max_size(preview, cap)))
 
     return update
+
+
+def preview_max_size(preview: Image.Image, cap: int) -> int:
+    """The max_size of a preview tuple that shows ``preview`` at its own size, or smaller to fit ``cap``.
+
+    ComfyUI's server fits every preview into max_size x max_size with ``ImageOps.contain``, which also enlarges
+    (server.py ``send_image`` / ``send_image_with_metadata``): a 128 px level sent with the --preview-size (512)
+    came out as a blurred 512 px picture labelled with the wrong size.
+    """
+    return min(max(preview.size), cap)
 
 
 def download_progress() -> Callable[[int, int | None], None] | None:

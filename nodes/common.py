@@ -8,6 +8,10 @@ from ..fusion_core.vgg import layer_names
 
 CATEGORY = "style_transfer/fusion"
 STYLE_LOSSES = "STYLE_LOSSES"  # a list of fusion_core GlobalStyle / LocalStyle terms
+# Words a user may type in the node search to find every node of the pack; each node adds its own. ComfyUI
+# reads a node class's SEARCH_ALIASES into /object_info as "search_aliases" where it supports them; older
+# versions ignore the attribute.
+PACK_ALIASES = ["style transfer", "neural style", "fusion style", "Gatys", "CNNMRF", "MRF", "Gram", "VGG"]
 
 # Layers a loss can use: VGG19's ReLU and pooling outputs (VGG16 has all of them but relu3_4, relu4_4, relu5_4).
 LAYERS = [name for name in layer_names("vgg19") if not name.startswith("conv")]

@@ -11,7 +11,7 @@ from ..fusion_core.errors import FusionError
 from ..fusion_core.vgg import CONVENTIONS, POOLINGS, VGGFeatures
 from ..fusion_core.weights import find_weights, load_vgg
 from . import comfy
-from .common import CATEGORY
+from .common import CATEGORY, PACK_ALIASES
 
 OFFICIAL = "vgg19"  # torchvision's ImageNet VGG19, downloaded into models/vgg on first use
 CACHE_SIZE = 2  # loaded networks kept across runs (VGG19 features: 80 MB each)
@@ -58,6 +58,7 @@ class FusionStyleLoadVGG:
     RETURN_NAMES = ("vgg",)
     OUTPUT_TOOLTIPS = ("The VGG feature network, for Fused Style Optimize.",)
     FUNCTION = "load"
+    SEARCH_ALIASES = [*PACK_ALIASES, "VGG16", "VGG19", "load model"]
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..fusion_core.config import GLOBAL_LAYERS, PAPER_GLOBAL_LAYERS, GlobalStyle, LocalStyle, defaults
-from .common import CATEGORY, LAYERS, STYLE_LOSSES, chain, parse_layers
+from .common import CATEGORY, LAYERS, PACK_ALIASES, STYLE_LOSSES, chain, parse_layers
 from .tensors import single_mask, split_images
 
 _GLOBAL, _LOCAL = defaults(GlobalStyle), defaults(LocalStyle)  # fusion_core's defaults
@@ -65,6 +65,7 @@ class _StyleLoss:
 
 
 class FusionStyleGlobalStyleLoss(_StyleLoss):
+    SEARCH_ALIASES = [*PACK_ALIASES, "Gram matrix", "global style", "style loss"]
     DESCRIPTION = (
         "Global style loss (Gatys et al.): matches the Gram matrices of the style image's VGG features, i.e. its "
         "colours and texture statistics over the whole image. Chain it with a Local Patch Loss."
@@ -106,6 +107,7 @@ class FusionStyleGlobalStyleLoss(_StyleLoss):
 
 
 class FusionStyleLocalPatchLoss(_StyleLoss):
+    SEARCH_ALIASES = [*PACK_ALIASES, "Li Wand", "patch loss", "local style", "style loss"]
     DESCRIPTION = (
         "Local patch loss (Li & Wand, MRF): pulls every small patch of the output's VGG features toward its most "
         "similar patch of the style image, which keeps local structure such as brush strokes."

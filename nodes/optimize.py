@@ -10,6 +10,8 @@ from ..fusion_core.config import (
     MATCHER_NAMES,
     OPTIMIZERS,
     PRESETS,
+    GlobalStyle,
+    LocalStyle,
     Settings,
     defaults,
     preset_fields,
@@ -20,11 +22,13 @@ from ..fusion_core.images import to_pil
 from ..fusion_core.memory import estimate_bytes
 from ..fusion_core.stylize import stylize
 from . import comfy
-from .common import CATEGORY, LAYERS, STYLE_LOSSES
+from .common import CATEGORY, LAYERS, PACK_ALIASES, STYLE_LOSSES
 from .tensors import join_images, split_images
 
 _DEFAULTS = defaults(Settings)
 PREVIEW_EVERY = 5  # iterations between live previews on the node
+# "auto": the optimiser's own step size (fusion_core's learning_rate=None); "manual": the learning_rate widget's.
+LEARNING_RATE_MODES = ["auto", "manual"]
 MATCHER_HELP = {  # for the tooltip; the choices are fusion_core.config.MATCHER_NAMES
     "exact": "compares it with every style patch",
     "fast": "searches a low-dimensional projection first: far cheaper on large images, nearly as exact",
@@ -42,6 +46,7 @@ class FusionStyleFusedOptimize:
     RETURN_NAMES = ("image",)
     OUTPUT_TOOLTIPS = ("The stylised image(s), at the content image's aspect ratio, longest side = size.",)
     FUNCTION = "optimize"
+    SEARCH_ALIASES = [*PACK_ALIASES, "optimize", "stylize", "L-BFGS"]
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -134,15 +139,22 @@ class FusionStyleFusedOptimize:
                         "needs more iterations).",
                     },
                 ),
+                "learning_rate_mode": (
+                    LEARNING_RATE_MODES,
+                    {
+                        "default": "auto",
+                        "tooltip": "'auto': the optimiser's own step size, 1 for L-BFGS and 0.02 for Adam (the image "
+                        "being in 0..1); 'manual': the learning_rate below.",
+                    },
+                ),
                 "learning_rate": (
                     "FLOAT",
                     {
-                        "default": 0.0,
-                        "min": 0.0,
+                        "default": 1.0,
+                        "min": 0.0001,
                         "max": 10.0,
                         "step": 0.001,
-                        "tooltip": "The optimiser's step size; 0 = its default (1 for L-BFGS, 0.02 for Adam, "
-                        "the image being in 0..1).",
+                        "tooltip": "The optimiser's step size when learning_rate_mode is 'manual' (ignored on 'auto').",
                     },
                 ),
                 "tv_weight": (
@@ -211,6 +223,7 @@ class FusionStyleFusedOptimize:
         seed,
         color=None,
         optimizer=None,
+        learning_rate_mode=None,
         learning_rate=None,
         tv_weight=None,
         matcher=None,
@@ -228,7 +241,7 @@ class FusionStyleFusedOptimize:
             seed=seed,
             color=color or _DEFAULTS.color,
             optimizer=optimizer or _DEFAULTS.optimizer,
-            learning_rate=learning_rate or None,  # 0: the optimiser's own default
+            learning_rate=learning_rate if learning_rate_mode == "manual" else None,  # None: the optimiser's own
             tv_weight=_DEFAULTS.tv_weight if tv_weight is None else tv_weight,
             matcher=matcher or _DEFAULTS.matcher,
             rematch_every=rematch_every or _DEFAULTS.rematch_every,
@@ -236,6 +249,7 @@ class FusionStyleFusedOptimize:
             preview_every=PREVIEW_EVERY,
         )
         settings = Settings(**{**inputs, **preset_fields(preset or "default")})  # the preset wins over the widgets
+        check_layers(vgg, style_losses, settings)  # before any work: name the widget that asks for a missing layer
         contents = split_images("content_image", content_image)
         steps = levels * iterations
         update = comfy.progress_bar(steps * len(contents))
@@ -267,6 +281,31 @@ class FusionStyleFusedOptimize:
                 vgg.to(comfy.offload_device())
             comfy.soft_empty_cache()
         return (join_images(results),)
+
+
+def check_layers(vgg, style_losses, settings: Settings) -> None:
+    """Every layer the run needs must be in the loaded network (a VGG16 has no relu3_4, relu4_4, relu5_4): else
+    a FusionError naming the node and widget that asks for it, and the layers the network has."""
+    asked = [("Fused Style Optimize: content_layer", (settings.content_layer,))]
+    if settings.global_layers is not None:
+        asked.append(("Fused Style Optimize: preset 'paper' (its Gram layers)", tuple(settings.global_layers)))
+    for i, term in enumerate(style_losses or []):
+        if isinstance(term, GlobalStyle):
+            if settings.global_layers is None:
+                asked.append((f"Global Style Loss (Gram), style_losses[{i}]: layers", tuple(term.layers)))
+        elif isinstance(term, LocalStyle):
+            asked.append((f"Local Patch Loss (MRF), style_losses[{i}]: layer", (term.layer,)))
+    problems = []
+    for where, layers in asked:
+        missing = [layer for layer in layers if layer not in vgg.names]
+        if missing:
+            problems.append(f"{where} asks for {', '.join(map(repr, missing))}")
+    if problems:
+        has = ", ".join(name for name in vgg.names if not name.startswith("conv"))
+        raise FusionError(
+            f"{'; '.join(problems)}, which the loaded {vgg.arch.upper()} (from Load VGG) does not have. "
+            f"Its layers: {has}"
+        )
 
 
 def _needed_bytes(vgg, content_image, style_losses, settings: Settings) -> int:

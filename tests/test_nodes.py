@@ -21,7 +21,7 @@ from fusion_style.fusion_core.images import resize
 from fusion_style.fusion_core.stylize import stylize
 from fusion_style.nodes import comfy, optimize
 from helpers import call_node, comfy_images, loss_chain, run_node, write_tiny_vgg
-from PIL import Image
+from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = fusion_style.NODE_CLASS_MAPPINGS
@@ -116,6 +116,28 @@ def test_function_takes_exactly_the_inputs(name):
     names = [p for p in parameters if p != "self"]
     assert names == [*spec["required"], *spec.get("optional", {})]
     assert all(parameters[p].default is None for p in spec.get("optional", {}))
+
+
+@pytest.mark.parametrize("name", sorted(NODES))
+def test_every_node_is_found_by_the_method_names(name):
+    # ComfyUI (server.py node_info) sends getattr(cls, "SEARCH_ALIASES", []) as /object_info's "search_aliases",
+    # which the node search matches; older versions ignore the attribute.
+    aliases = NODES[name].SEARCH_ALIASES
+    assert isinstance(aliases, list) and all(isinstance(a, str) and a.strip() for a in aliases)
+    assert len(set(aliases)) == len(aliases)
+    for word in ("style transfer", "neural style", "Gatys", "CNNMRF", "MRF", "Gram", "VGG"):
+        assert word in aliases, f"{name} is not found by {word!r}"
+
+
+def test_learning_rate_says_auto_rather_than_zero():
+    optional = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["optional"]
+    modes, mode_options = optional["learning_rate_mode"]
+    kind, options = optional["learning_rate"]
+    assert modes == ["auto", "manual"] and mode_options["default"] == "auto"
+    assert kind == "FLOAT" and options["default"] > 0 and options["min"] > 0  # no value reads as "no learning"
+    # the mode comes first, so the widgets read "learning_rate_mode auto" then the value it switches on
+    names = list(optional)
+    assert names.index("learning_rate_mode") + 1 == names.index("learning_rate")
 
 
 def test_local_weight_default_is_the_paper_value():
@@ -357,8 +379,8 @@ def test_optimize_new_inputs_default_to_the_library_defaults():
     required = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["required"]
     assert required["init"][0] == list(INITS) and required["init"][1]["default"] == defaults.init
     assert optional["preset"][0] == list(PRESETS) and optional["preset"][1]["default"] == "default"
-    assert defaults.learning_rate is None and optional["learning_rate"][1]["default"] == 0  # 0 stands for None
-    assert optional["tv_weight"][1]["min"] == optional["learning_rate"][1]["min"] == 0
+    assert defaults.learning_rate is None and optional["learning_rate_mode"][1]["default"] == "auto"  # None: auto
+    assert optional["tv_weight"][1]["min"] == 0
     assert optional["rematch_every"][1]["min"] == 1
 
 
@@ -373,12 +395,20 @@ def capture_settings(fake_stylize, vgg, content, terms, **inputs) -> Settings:
 def test_optimize_optimiser_inputs_reach_fusion_core(fake_stylize, node_vgg, content_image, style_terms):
     given = (fake_stylize, node_vgg, content_image, style_terms)
     settings = capture_settings(
-        *given, optimizer="adam", learning_rate=0.05, tv_weight=5.0, matcher="exact", rematch_every=4
+        *given,
+        optimizer="adam",
+        learning_rate_mode="manual",
+        learning_rate=0.05,
+        tv_weight=5.0,
+        matcher="exact",
+        rematch_every=4,
     )
     assert (settings.optimizer, settings.learning_rate, settings.tv_weight) == ("adam", 0.05, 5.0)
     assert (settings.matcher, settings.rematch_every) == ("exact", 4)
-    settings = capture_settings(*given, optimizer="lbfgs", learning_rate=0.0, tv_weight=0.0, mixed_precision=False)
-    assert settings.learning_rate is None  # 0: the optimiser's own default
+    settings = capture_settings(
+        *given, optimizer="lbfgs", learning_rate_mode="auto", learning_rate=0.5, tv_weight=0.0, mixed_precision=False
+    )
+    assert settings.learning_rate is None  # auto: the optimiser's own step size, whatever the value below says
     assert settings.mixed_precision is False
     defaults, omitted = Settings(), capture_settings(*given)  # an old workflow without the new inputs
     for name in ("color", "optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
@@ -434,7 +464,7 @@ def test_optimize_bad_settings_are_clear_errors(node_vgg, content_image, style_t
     with pytest.raises(FusionError, match="size: at the coarsest level"):
         run_node("FusionStyleFusedOptimize", **optimize_inputs(node_vgg, content_image, style_terms, size=64, levels=6))
     vgg16 = random_vgg("vgg16", width=4)
-    with pytest.raises(FusionError, match="layers: unknown layer.*'relu3_4' for vgg16"):
+    with pytest.raises(FusionError, match="content_layer asks for 'relu3_4', which the loaded VGG16 .* not have"):
         run_node(
             "FusionStyleFusedOptimize",
             **optimize_inputs(vgg16, content_image, style_terms, content_layer="relu3_4"),
@@ -473,9 +503,22 @@ def test_optimize_uses_comfyui_device_progress_and_preview(comfyui, node_vgg, st
     previews = [(value, preview) for value, _, preview in comfyui.updates if preview is not None]
     assert [value for value, _ in previews] == [5, 10, 15, 20]  # the end of every level, every PREVIEW_EVERY
     for _, (fmt, picture, size) in previews:
-        assert fmt == "JPEG" and isinstance(picture, Image.Image) and size == 256
-    assert picture.size == (32, 32)
+        # Shown at the level's own size: ComfyUI fits the picture into size x size, enlarging a smaller one.
+        assert fmt == "JPEG" and isinstance(picture, Image.Image) and size == max(picture.size)
+    assert [previews[i][1][1].size for i in range(4)] == [(16, 16), (32, 32), (16, 16), (32, 32)]
     assert comfyui.calls == ["free_memory", "offload", "soft_empty_cache"]
+
+
+def test_preview_keeps_the_run_size_and_is_capped_at_comfyui_preview_size(comfyui, node_vgg, style_terms):
+    comfyui.modules["comfy.cli_args"].args.preview_size = 40
+    contents = comfy_images(1, 48, 64)
+    inputs = optimize_inputs(node_vgg, contents, style_terms, size=64, levels=2, iterations=optimize.PREVIEW_EVERY)
+    run_node("FusionStyleFusedOptimize", **inputs)
+    shown = []
+    for _, _, (_, picture, size) in [u for u in comfyui.updates if u[2] is not None]:
+        # What ComfyUI's server does with the tuple (server.py send_image: ImageOps.contain(image, (max, max))).
+        shown.append(ImageOps.contain(picture, (size, size)).size)
+    assert shown == [(32, 24), (40, 30)]  # level 1 as it is (32 x 24); level 2 (64 x 48) fitted into 40 px
 
 
 def test_cancel_stops_within_one_iteration_and_the_next_run_works(
@@ -575,6 +618,57 @@ def test_rgba_and_grey_images_are_converted(node_vgg, style_terms):
     assert torch.equal(from_grey, from_grey3)
     with pytest.raises(FusionError, match=r"content_image: expected a ComfyUI IMAGE .* got \(1, 24, 32, 2\)"):
         run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg, rgb[..., :2], terms))
+
+
+VGG16_LAYERS = "Its layers: relu1_1, relu1_2, pool1, relu2_1"
+
+
+@pytest.mark.parametrize(
+    ("where", "global_layers", "local_layer", "content_layer"),
+    [
+        ("Fused Style Optimize: content_layer asks for 'relu4_4'", "relu1_2", "relu3_1", "relu4_4"),
+        (
+            r"Global Style Loss \(Gram\), style_losses\[0\]: layers asks for 'relu3_4'",
+            "relu1_2,relu3_4",
+            "relu3_1",
+            "relu3_1",
+        ),
+        (r"Local Patch Loss \(MRF\), style_losses\[1\]: layer asks for 'relu5_4'", "relu1_2", "relu5_4", "relu3_1"),
+    ],
+)
+def test_layers_the_loaded_vgg16_lacks_are_named_before_the_run(
+    fake_stylize, comfyui, content_image, style_image, where, global_layers, local_layer, content_layer
+):
+    vgg16 = random_vgg("vgg16", width=4)
+    (terms,) = run_node(
+        "FusionStyleGlobalStyleLoss", style_image=style_image, weight=1.0, layers=global_layers, style_scale=1.0
+    )
+    (terms,) = run_node(
+        "FusionStyleLocalPatchLoss",
+        style_image=style_image,
+        weight=1e-4,
+        layer=local_layer,
+        patch_size=3,
+        stride=1,
+        style_scale=1.0,
+        style_losses=terms,
+    )
+    calls = fake_stylize(optimize)
+    inputs = optimize_inputs(vgg16, content_image, terms, content_layer=content_layer)
+    with pytest.raises(FusionError, match=where + r", which the loaded VGG16 \(from Load VGG\) does not have") as error:
+        run_node("FusionStyleFusedOptimize", **inputs)
+    assert VGG16_LAYERS in str(error.value) and "relu5_3" in str(error.value)
+    assert not any(layer in str(error.value).split("Its layers:")[1] for layer in ("relu3_4", "relu4_4", "relu5_4"))
+    assert calls == [] and comfyui.updates == [] and comfyui.calls == []  # nothing started: no memory, no progress
+
+
+def test_a_vgg16_runs_with_layers_it_has_paper_preset_too(fake_stylize, content_image, style_image):
+    vgg16 = random_vgg("vgg16", width=4)
+    terms = loss_chain(style_image)  # relu1_2, relu2_2, relu3_3 and relu3_1: all in a VGG16
+    calls = fake_stylize(optimize)
+    run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg16, content_image, terms))
+    run_node("FusionStyleFusedOptimize", **optimize_inputs(vgg16, content_image, terms, preset="paper"))
+    assert len(calls) == 2  # the paper's relu4_2 is in a VGG16 as well
 
 
 def test_a_failing_batch_item_is_named(node_vgg, style_terms):

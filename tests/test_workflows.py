@@ -1,5 +1,6 @@
 """The workflows in workflows/ load as they are: every node type exists, every link joins matching types,
-every widget value is valid for its input, and the example images they name ship in example_images/."""
+every widget value is valid for its input, and the example images they name ship in example_images/. They open
+readable: nodes apart, links in the open, the whole graph in view with its instructions first."""
 
 from __future__ import annotations
 
@@ -97,15 +98,24 @@ def workflow(request) -> dict:
 
 
 def test_the_workflows_ship_with_previews():
-    assert [path.stem for path in WORKFLOWS] == [
-        "fusion_basic",
-        "fusion_keep_colors",
-        "fusion_masked",
-        "fusion_two_styles_regions",
-        "fusion_upscale",
-    ]
     for path in WORKFLOWS:
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no preview image"
+
+
+def test_templates_are_numbered_simplest_first():
+    # The Templates menu (ComfyUI 0.3.64 app/custom_node_manager.py, frontend 1.27 workflowTemplatesStore) has no
+    # index or metadata for a custom node pack's templates: the server lists workflows/*.json in the order the
+    # file system returns them (glob, unsorted), the frontend keeps that order and shows each one's file name as
+    # its title and the same name with '_' and '-' as spaces as its description. So the file names carry the
+    # order (a leading number: alphabetical listings, e.g. on Windows, show the basic workflow first) and read
+    # as titles.
+    assert [path.stem for path in WORKFLOWS] == [
+        "1_basic",
+        "2_keep_colors",
+        "3_masked",
+        "4_two_styles_regions",
+        "5_upscale",
+    ]
 
 
 def test_templates_menu_serves_workflows():
@@ -184,6 +194,7 @@ def test_optional_tuning_inputs_are_at_the_library_defaults(workflow):
             "content_layer",
             "init",
             "optimizer",
+            "learning_rate_mode",
             "learning_rate",
             "tv_weight",
             "matcher",
@@ -232,7 +243,7 @@ def chain_of_losses(nodes: dict, links: dict, optimizer: dict) -> list[dict]:
 
 
 def test_two_styles_regions_gives_each_style_its_own_region():
-    nodes, links = load("fusion_two_styles_regions")
+    nodes, links = load("4_two_styles_regions")
     (optimizer,) = [n for n in nodes.values() if n["type"] == "FusionStyleFusedOptimize"]
     chain = chain_of_losses(nodes, links, optimizer)
     kinds = ["FusionStyleGlobalStyleLoss", "FusionStyleLocalPatchLoss"] * 2
@@ -247,7 +258,7 @@ def test_two_styles_regions_gives_each_style_its_own_region():
 
 
 def test_keep_colors_runs_luminance_and_histogram_side_by_side():
-    nodes, links = load("fusion_keep_colors")
+    nodes, links = load("2_keep_colors")
     optimizers = [n for n in nodes.values() if n["type"] == "FusionStyleFusedOptimize"]
     layout = [name for name, _, _ in widget_layout("FusionStyleFusedOptimize")]
     colors = sorted(n["widgets_values"][layout.index("color")] for n in optimizers)
@@ -259,3 +270,113 @@ def test_keep_colors_runs_luminance_and_histogram_side_by_side():
     assert others[0] == others[1]
     saves = [n for n in nodes.values() if n["type"] == "SaveImage"]
     assert {id(source(nodes, links, n, "images")) for n in saves} == {id(n) for n in optimizers}
+
+
+# --- how the workflows look when they open (issue 16) --------------------------------------------------------
+# Geometry as the frontend (comfyui_frontend_package 1.27, litegraph) draws it: a node's `pos` is the top-left of
+# its body, its title bar (NODE_TITLE_HEIGHT) sits above that, an unplaced input or output slot i is drawn at
+# pos + (10, (i + 0.7) * NODE_SLOT_HEIGHT) on the left edge or at pos + (size[0] + 1 - 10, ...) on the right edge
+# (LGraphNode.getConnectionPos), and the saved view maps the graph to the canvas element as
+# (graph + extra.ds.offset) * extra.ds.scale (DragAndScale.convertOffsetToCanvas).
+TITLE_HEIGHT, SLOT_HEIGHT = 30, 20
+BADGE_HEIGHT = 20  # a custom node's source badge (the pack's name) stands on its title bar, at the right
+GAP = 40  # the least room between two node boxes
+# A 1600 x 1000 browser window: the canvas starts right of the side toolbar (64 px) and below the workflow tabs and
+# the top menu (38 + 40 px), as measured in the frontend with a headless browser; the minimap (shown by default) and
+# the zoom controls cover its bottom-right corner, the canvas info (frame rate, node count) its bottom-left one.
+WINDOW, SIDE_TOOLBAR, TOP_MENU = (1600, 1000), 64, 78
+CANVAS = (WINDOW[0] - SIDE_TOOLBAR, WINDOW[1] - TOP_MENU)
+MARGIN = 10
+MINIMAP_CORNER, INFO_CORNER = (300, 270), (130, 90)
+READABLE_SCALE = 0.6  # the widgets' text below this is hard to read
+
+
+def box(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node on the canvas, its title bar and a custom node's badge included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    badge = BADGE_HEIGHT if node["type"] in fusion_style.NODE_CLASS_MAPPINGS else 0
+    return x, y - TITLE_HEIGHT - badge, x + w, y + h
+
+
+def slot_position(node: dict, slot: int, is_input: bool) -> tuple[float, float]:
+    (x, y), (w, _) = node["pos"], node["size"]
+    slots = [s for s in node.get("inputs" if is_input else "outputs", []) if "widget" not in s]
+    index = slots.index(node["inputs" if is_input else "outputs"][slot])
+    return (x + SLOT_HEIGHT / 2 if is_input else x + w + 1 - SLOT_HEIGHT / 2), y + (index + 0.7) * SLOT_HEIGHT
+
+
+def segment_hits_box(a: tuple, b: tuple, rect: tuple) -> bool:
+    """Whether the segment a-b meets the rectangle (Liang-Barsky clipping)."""
+    (x0, y0), (x1, y1) = a, b
+    left, top, right, bottom = rect
+    t0, t1 = 0.0, 1.0
+    for p, q in ((x0 - x1, x0 - left), (x1 - x0, right - x0), (y0 - y1, y0 - top), (y1 - y0, bottom - y0)):
+        if p == 0:
+            if q < 0:
+                return False
+            continue
+        t = q / p
+        if p < 0:
+            t0 = max(t0, t)
+        else:
+            t1 = min(t1, t)
+        if t0 > t1:
+            return False
+    return True
+
+
+def to_screen(workflow: dict, x: float, y: float) -> tuple[float, float]:
+    view = workflow["extra"]["ds"]
+    (dx, dy), scale = view["offset"], view["scale"]
+    return (x + dx) * scale, (y + dy) * scale
+
+
+def test_nodes_keep_room_between_them(workflow):
+    nodes = workflow["nodes"]
+    for i, first in enumerate(nodes):
+        for second in nodes[i + 1 :]:
+            (l1, t1, r1, b1), (l2, t2, r2, b2) = box(first), box(second)
+            apart = max(l2 - r1, l1 - r2, t2 - b1, t1 - b2)
+            assert apart >= GAP, f"nodes {first['id']} and {second['id']} are {apart:.0f} px apart (< {GAP})"
+
+
+def test_links_run_left_to_right_in_the_open(workflow):
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    for link_id, origin, origin_slot, target, target_slot, _ in workflow["links"]:
+        start = slot_position(nodes[origin], origin_slot, is_input=False)
+        end = slot_position(nodes[target], target_slot, is_input=True)
+        # Out of the right edge of its node and into the left edge of the next one: behind neither of them.
+        assert end[0] - start[0] >= GAP, f"link {link_id} runs right to left, behind node {origin} or {target}"
+        for node in nodes.values():
+            if node["id"] not in (origin, target):
+                assert not segment_hits_box(start, end, box(node)), f"link {link_id} runs behind node {node['id']}"
+
+
+def test_the_saved_view_shows_every_node(workflow):
+    scale = workflow["extra"]["ds"]["scale"]
+    assert scale >= READABLE_SCALE, f"zoomed out to {scale}: the widgets are too small to read"
+    width, height = CANVAS
+    for node in workflow["nodes"]:
+        left, top, right, bottom = box(node)
+        (x0, y0), (x1, y1) = to_screen(workflow, left, top), to_screen(workflow, right, bottom)
+        where = f"node {node['id']} ({node.get('title', node['type'])}) at {x0:.0f},{y0:.0f}-{x1:.0f},{y1:.0f}"
+        assert x0 >= MARGIN and x1 <= width - MARGIN, f"{where}: off the canvas' sides"
+        assert y0 >= MARGIN and y1 <= height - MARGIN, f"{where}: above or below the canvas"
+        assert not (x1 > width - MINIMAP_CORNER[0] and y1 > height - MINIMAP_CORNER[1]), f"{where}: under the minimap"
+        assert not (x0 < INFO_CORNER[0] and y1 > height - INFO_CORNER[1]), f"{where}: under the canvas info"
+
+
+def test_the_note_comes_first(workflow):
+    (note,) = [node for node in workflow["nodes"] if node["type"] in NOTE_NODES]
+    others = [node for node in workflow["nodes"] if node is not note]
+    assert all(box(note)[1] <= box(node)[1] for node in others), "a node sits above the note"
+    assert all(box(note)[0] <= box(node)[0] for node in others), "a node sits left of the note"
+
+
+def test_the_note_starts_with_what_to_do_before_queueing(workflow):
+    # The first lines are what a template's Note shows before anyone scrolls: where the files go and how long a
+    # run takes (the measured CPU figure; no GPU figure has been measured).
+    (note,) = [node for node in workflow["nodes"] if node["type"] in NOTE_NODES]
+    first = "\n".join(note["widgets_values"][0].splitlines()[:4])
+    for words in ("example_images/", "ComfyUI/input/", "ComfyUI/models/vgg/", "548 MB", "3 min 43 s on a 2-core CPU"):
+        assert words in first, f"the note's first lines do not say {words!r}"
