@@ -105,3 +105,20 @@ def loss_chain(style_image: torch.Tensor, style_scale: float = 1.0, **extra) -> 
         **extra,
     )
     return terms
+
+
+def saved_bytes(vgg, run) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass while ``run()`` records a pass through
+    ``vgg``, the network's own weights left out."""
+    weights = {p.untyped_storage().data_ptr() for p in vgg.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())

@@ -2,29 +2,23 @@
 
 import pytest
 import torch
-from helpers import smooth_image, tiny_vgg
+from helpers import saved_bytes, smooth_image, tiny_vgg
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, memory
 from fusion_core.precision import GradientScale, autocast
 
 
-def saved_bytes(vgg, image, layers, half):
-    """Bytes autograd keeps for the backward pass of the VGG pass as the criterion runs it, with a loss that keeps
-    each returned layer as the losses see it (each storage once; the network's own weights left out)."""
-    weights = {p.untyped_storage().data_ptr() for p in vgg.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+def kept_by_the_pass(vgg, image, layers, half):
+    """What autograd keeps of the VGG pass as the criterion runs it, with a loss that keeps each returned layer as
+    the losses see it."""
     scale = GradientScale(enabled=half is not None)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast(image.device, half):
-        activations = vgg(scale.unscale_at(image.clone().requires_grad_(True)), layers)
-        sum(scale.for_losses(value).square().sum() for value in activations.values())
-    return sum(storages.values())
+
+    def run():
+        with autocast(image.device, half):
+            activations = vgg(scale.unscale_at(image.clone().requires_grad_(True)), layers)
+            sum(scale.for_losses(value).square().sum() for value in activations.values())
+
+    return saved_bytes(vgg, run)
 
 
 @pytest.mark.parametrize("half", [None, torch.float16], ids=["float32", "float16"])
@@ -33,7 +27,7 @@ def test_kept_bytes_match_what_the_pass_keeps(half):
     shape = (96, 128)
     vgg = tiny_vgg(width=8)
     layers = {"relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"}
-    measured = saved_bytes(vgg, smooth_image(*shape, seed=3), layers, half)
+    measured = kept_by_the_pass(vgg, smooth_image(*shape, seed=3), layers, half)
     counted = memory.kept_bytes(vgg, shape, layers, half)
     assert counted * 0.95 <= measured <= counted * 1.05, (counted, measured)
 
