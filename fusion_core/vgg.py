@@ -37,6 +37,11 @@ def layer_names(arch: str) -> list[str]:
     return names
 
 
+def loss_layers(arch: str) -> list[str]:
+    """The layers a loss can use: every ReLU and pooling output (the conv outputs are tappable but not offered)."""
+    return [name for name in layer_names(arch) if not name.startswith("conv")]
+
+
 class VGGFeatures(nn.Module):
     """Frozen VGG trunk; ``forward(image, layers)`` returns ``{name: activation}``.
 
@@ -87,7 +92,7 @@ class VGGFeatures(nn.Module):
     def check_layers(self, layers: Iterable[str]) -> None:
         unknown = [name for name in layers if name not in self.names]
         if unknown:
-            valid = ", ".join(n for n in self.names if not n.startswith("conv"))
+            valid = ", ".join(loss_layers(self.arch))
             raise FusionError(
                 f"layers: unknown layer(s) {', '.join(map(repr, unknown))} for {self.arch}; valid: {valid}"
             )

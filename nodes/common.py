@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..fusion_core.config import GLOBAL_LAYERS, StyleTerm
 from ..fusion_core.errors import FusionError
-from ..fusion_core.vgg import layer_names
+from ..fusion_core.vgg import loss_layers
 
 CATEGORY = "style_transfer/fusion"
 STYLE_LOSSES = "STYLE_LOSSES"  # a list of fusion_core GlobalStyle / LocalStyle terms
@@ -14,7 +14,7 @@ STYLE_LOSSES = "STYLE_LOSSES"  # a list of fusion_core GlobalStyle / LocalStyle 
 PACK_ALIASES = ["style transfer", "neural style", "fusion style", "Gatys", "CNNMRF", "MRF", "Gram", "VGG"]
 
 # Layers a loss can use: VGG19's ReLU and pooling outputs (VGG16 has all of them but relu3_4, relu4_4, relu5_4).
-LAYERS = [name for name in layer_names("vgg19") if not name.startswith("conv")]
+LAYERS = loss_layers("vgg19")
 
 
 def parse_layers(name: str, text: str) -> tuple[str, ...]:

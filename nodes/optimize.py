@@ -21,6 +21,7 @@ from ..fusion_core.geometry import fit_longest
 from ..fusion_core.images import to_pil
 from ..fusion_core.memory import estimate_bytes
 from ..fusion_core.stylize import stylize
+from ..fusion_core.vgg import loss_layers
 from . import comfy
 from .common import CATEGORY, LAYERS, PACK_ALIASES, STYLE_LOSSES
 from .tensors import join_images, split_images
@@ -301,7 +302,7 @@ def check_layers(vgg, style_losses, settings: Settings) -> None:
         if missing:
             problems.append(f"{where} asks for {', '.join(map(repr, missing))}")
     if problems:
-        has = ", ".join(name for name in vgg.names if not name.startswith("conv"))
+        has = ", ".join(loss_layers(vgg.arch))
         raise FusionError(
             f"{'; '.join(problems)}, which the loaded {vgg.arch.upper()} (from Load VGG) does not have. "
             f"Its layers: {has}"
