@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=_DEFAULTS.size, help="longest side of the output in pixels")
     p.add_argument("--levels", type=int, default=_DEFAULTS.levels, help="coarse-to-fine pyramid levels")
     p.add_argument("--iters", type=int, default=_DEFAULTS.iterations, help="iterations per level")
+    p.add_argument(
+        "--final-iters",
+        type=int,
+        default=_DEFAULTS.final_iterations,
+        help="iterations at the last, largest level (default 0: --iters); fewer saves most of a large print's time",
+    )
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     p.add_argument("--global-weight", type=float, default=_GLOBAL.weight, help="a1: Gram (global) style weight")
     p.add_argument("--local-weight", type=float, default=_LOCAL.weight, help="a2: MRF patch (local) style weight")
@@ -120,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="16-bit VGG pass and patch search where the hardware has it (float16 on CUDA, bfloat16 on CPUs with "
         "AVX512-BF16 or AMX); losses and image stay float32. --no-mixed-precision: float32 throughout",
     )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=_DEFAULTS.tile,
+        metavar="PX",
+        help="evaluate each level in tiles of at most PX px (the same result, in less memory; README 'Large prints'). "
+        "0 (default): tiles only where a level would not fit in the memory available",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -146,9 +160,10 @@ def _progress_printer(quiet: bool):
         if quiet or not (p.iteration == 1 or p.iteration % 10 == 0 or p.iteration == p.iterations):
             return
         terms = "  ".join(f"{name} {value:.4g}" for name, value in p.losses.items())
+        plan = f"  {p.tiles} tiles, L-BFGS history {p.history}" if p.tiles > 1 and p.iteration == 1 else ""
         print(
             f"level {p.level}/{p.levels}  iter {p.iteration:>4}/{p.iterations}  [{p.step}/{p.steps}]  "
-            f"{terms}  {time.monotonic() - start:.0f}s",
+            f"{terms}  {time.monotonic() - start:.0f}s{plan}",
             file=sys.stderr,
             flush=True,
         )
@@ -209,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size=args.size,
             levels=args.levels,
             iterations=args.iters,
+            final_iterations=args.final_iters,
             seed=args.seed,
             optimizer=args.optimizer,
             learning_rate=args.lr,
@@ -217,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             matcher=args.matcher,
             rematch_every=args.rematch_every,
             mixed_precision=args.mixed_precision,
+            tile=args.tile,
         )
         vgg = load_vgg(
             args.weights,

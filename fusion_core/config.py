@@ -86,6 +86,7 @@ class Settings:
     size: int = 512  # longest side of the output, in pixels
     levels: int = 3  # coarse-to-fine pyramid levels, each twice the size of the one before
     iterations: int = 100  # optimiser iterations per level
+    final_iterations: int = 0  # iterations at the last, largest level (0: ``iterations``); fewer saves most time
     init: str = "recolored"  # one of INITS; the paper starts from noise ("random")
     seed: int = 0
     optimizer: str = "lbfgs"  # one of OPTIMIZERS
@@ -101,6 +102,17 @@ class Settings:
     # AVX512-BF16 / AMX; losses, Grams, image and L-BFGS state stay float32 (precision.py)
     mixed_precision: bool = True
     preview_every: int = 0  # attach the current image to every n-th progress report (0: never)
+    # Evaluate each level in tiles of at most this many px (exact, tiling.py); 0: only a level that would not fit in
+    # the memory available, in tiles as large as fit (memory.plan_level)
+    tile: int = 0
+
+    def level_iterations(self, level: int) -> int:
+        """Iterations at 0-based pyramid ``level``."""
+        return self.final_iterations if level == self.levels - 1 and self.final_iterations > 0 else self.iterations
+
+    def total_steps(self) -> int:
+        """Iterations over all levels."""
+        return sum(self.level_iterations(level) for level in range(self.levels))
 
     def validate(self) -> None:
         """Raise a FusionError naming the first field out of range and what it accepts (layer names are the
@@ -123,8 +135,10 @@ class Settings:
             raise FusionError(f"learning_rate: expected a number > 0 or None, got {rate!r}")
         _check_weight("content_weight", self.content_weight)
         _check_weight("tv_weight", self.tv_weight)
-        if not isinstance(self.preview_every, int) or self.preview_every < 0:
-            raise FusionError(f"preview_every: expected a whole number >= 0, got {self.preview_every!r}")
+        for name in ("preview_every", "tile", "final_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise FusionError(f"{name}: expected a whole number >= 0, got {value!r}")
         if self.global_layers is not None and (not self.global_layers or isinstance(self.global_layers, str)):
             raise FusionError(f"global_layers: give a tuple of at least one layer, got {self.global_layers!r}")
 
@@ -188,3 +202,5 @@ class Progress:
     steps: int
     losses: dict[str, float] = field(default_factory=dict)  # weighted terms and "total"
     image: Tensor | None = None  # (1, 3, H, W) in 0..1 when a preview is due
+    tiles: int = 1  # tiles the level is evaluated in (tiling.py); 1: whole
+    history: int = 0  # the L-BFGS history kept at this level (0 with Adam)

@@ -15,11 +15,12 @@ from torch import Tensor
 
 from .config import LOCAL_MIN_STYLE_SIDE, GlobalStyle, LocalStyle, Settings, StyleTerm
 from .errors import FusionError
-from .functional import patch_weights
+from .functional import gram_matrix, patch_weights
 from .geometry import feature_shape, style_shape, with_margin
 from .images import mirror_pad, resize, resize_mask
 from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
 from .precision import GradientScale, autocast, float32_region, mixed_dtype
+from .tiling import tiled_maps
 from .vgg import VGGFeatures
 
 Term = tuple[str, float, torch.nn.Module]  # (kind: "global" / "local" / "content", weight, loss module)
@@ -68,6 +69,14 @@ class Criterion:
         values["total"] = sum(values.values())
         return values
 
+    def evaluate(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
+        """The weighted terms by kind and their "total" (detached), with ``image.grad`` set to the total's gradient
+        (``tiling.TiledCriterion.evaluate`` does the same tile by tile)."""
+        image.grad = None
+        values = self(image, rematch=rematch)
+        values["total"].backward()
+        return {name: value.detach() for name, value in values.items()}
+
 
 def styles_at_level(
     styles: Sequence[StyleTerm], settings: Settings, shape: tuple[int, int], last: bool
@@ -97,11 +106,14 @@ def build_criterion(
     shape: tuple[int, int],
     *,
     margin: int = 0,
+    tile: int = 0,
 ) -> Criterion:
     """Targets for one level: content features, style Grams and style patch banks at this size.
 
     With a ``margin``, the criterion scores the image of ``shape`` with that mirrored border around it (see
-    ``geometry.border_margin``): the content and the target masks get the same border.
+    ``geometry.border_margin``): the content and the target masks get the same border. With a ``tile`` (px), the
+    content and style images go through the network in tiles of that size (``tiling.tiled_maps``), so no
+    activation of a whole image is held but the targets themselves.
     """
     canvas = with_margin(shape, margin)
     device = content.device
@@ -113,37 +125,55 @@ def build_criterion(
 
     with torch.no_grad():
         terms: list[Term] = []
-        feature_cache: dict[tuple[int, float], dict[str, Tensor]] = {}
+        map_cache: dict[tuple[int, float], dict[str, Tensor]] = {}
 
-        def style_features(style: StyleTerm, layers: Sequence[str]) -> dict[str, Tensor]:
+        def style_image(style: StyleTerm) -> Tensor:
+            return resize(style.image.to(device), style_shape(tuple(style.image.shape[-2:]), shape, style.scale))
+
+        def style_maps(style: StyleTerm, layers: Sequence[str]) -> dict[str, Tensor]:
             # Each style image is resized and run through the network once per level and scale.
-            cached = feature_cache.setdefault((id(style.image), style.scale), {})
+            cached = map_cache.setdefault((id(style.image), style.scale), {})
             missing = [layer for layer in layers if layer not in cached]
             if missing:
-                size = style_shape(tuple(style.image.shape[-2:]), shape, style.scale)
-                cached.update(vgg(resize(style.image.to(device), size), missing))
+                cached.update(_features(vgg, style_image(style), missing, tile))
             return {layer: cached[layer] for layer in layers}
+
+        def style_grams(style: StyleTerm, masks: dict[str, Tensor | None]) -> dict[str, Tensor]:
+            if tile:
+                return tiled_maps(vgg, style_image(style), tile, grams=masks)[1]
+            features = style_maps(style, list(masks))
+            return {layer: gram_matrix(features[layer], mask) for layer, mask in masks.items()}
+
+        def style_energy(style: StyleTerm, layer: str) -> Tensor:
+            """The style's mean squared activation on ``layer``: the trace of its Gram matrix over the channels."""
+            cached = map_cache.get((id(style.image), style.scale), {})
+            if tile and layer not in cached:
+                gram = style_grams(style, {layer: None})[layer][0]
+                return gram.diagonal().sum() / gram.shape[0]
+            return style_maps(style, [layer])[layer].square().mean()
 
         active = [style for style in styles if style.weight > 0]
         for style in active:
             layers = style.feature_layers()
-            features = style_features(style, layers)
+            size = style_shape(tuple(style.image.shape[-2:]), shape, style.scale)
             target_masks = _masks_at(
                 on_canvas(style.target_mask), {l: feature_shape(canvas, l) for l in layers}, device
             )
-            style_masks = _masks_at(style.style_mask, {l: tuple(f.shape[-2:]) for l, f in features.items()}, device)
+            style_masks = _masks_at(style.style_mask, {l: feature_shape(size, l) for l in layers}, device)
             if isinstance(style, GlobalStyle):
+                grams = style_grams(style, style_masks)
                 # One module per layer (the loss is their mean), each evaluated as soon as its layer exists.
                 for layer in layers:
-                    gram = GramLoss({layer: features[layer]}, {layer: style_masks[layer]}, {layer: target_masks[layer]})
+                    gram = GramLoss({layer: grams[layer]}, {layer: target_masks[layer]})
                     terms.append(("global", style.weight / len(layers), gram))
             else:
+                features = style_maps(style, layers)
                 terms.append(("local", style.weight, _patch_loss(style, features, style_masks, target_masks, settings)))
         if settings.content_weight > 0:
             layer = settings.content_layer
-            target = vgg(mirror_pad(resize(content, shape), margin), [layer])[layer]
+            target = _features(vgg, mirror_pad(resize(content, shape), margin), [layer], tile)[layer]
             # The content distance's unit: the styles' mean squared activation on its layer (losses.py).
-            energies = [style_features(style, [layer])[layer].square().mean() for style in active]
+            energies = [style_energy(style, layer) for style in active]
             energy = float(torch.stack(energies).mean() if energies else target.square().mean())
             terms.append(("content", settings.content_weight, ContentLoss(layer, target, energy)))
         return Criterion(vgg, terms, settings.tv_weight, settings.mixed_precision)
@@ -173,6 +203,11 @@ def _patch_loss(
         target_weights=weights,
         matcher=settings.matcher,
     )
+
+
+def _features(vgg: VGGFeatures, image: Tensor, layers: Sequence[str], tile: int) -> dict[str, Tensor]:
+    """``vgg(image, layers)``, in tiles of ``tile`` px when one is given."""
+    return tiled_maps(vgg, image, tile, layers)[0] if tile else vgg(image, layers)
 
 
 def _masks_at(

@@ -23,16 +23,35 @@ def gram_matrix(features: Tensor, mask: Tensor | None = None) -> Tensor:
     the mask's weight, so a region's Gram does not depend on how large the region is.
     """
     b, c, h, w = features.shape
-    flat = channels_by_positions(features)
     if mask is None:
-        return _Gram.apply(flat, None, 1.0 / (h * w))
-    weight = mask.expand(b, 1, h, w).reshape(b, 1, h * w).to(features.dtype)
+        return gram_part(features, None, 1.0 / (h * w))
+    weight = mask.expand(b, 1, h, w).to(features.dtype)
     if weight.requires_grad:  # a mask being optimised: let autograd differentiate through it too
+        flat, weight = channels_by_positions(features), weight.reshape(b, 1, h * w)
         weighted = flat * weight
         return weighted @ weighted.transpose(1, 2) / weight.square().sum(-1, keepdim=True).clamp_min(_EPS)
     # (F w)(F w)^T / sum(w^2) = F diag(w^2) F^T / sum(w^2)
     square = weight.square()
-    return _Gram.apply(flat, square, 1.0 / square.sum(-1, keepdim=True).clamp_min(_EPS))
+    return gram_part(features, square, 1.0 / square.sum((-2, -1), keepdim=True).clamp_min(_EPS))
+
+
+def gram_part(features: Tensor, square_weight: Tensor | None, scale: float | Tensor) -> Tensor:
+    """F diag(v) F^T * scale for a (B, C, H, W) map F and per-position weights v (B, 1, H, W) or None (all 1).
+
+    The Gram matrix of a whole map is one such part with scale 1 / sum(v); the parts of the tiles of a map, each
+    with the whole map's scale, add up to it (tiling.py)."""
+    b, _, h, w = features.shape
+    if torch.is_tensor(scale) and scale.dim() == 4:
+        scale = scale.reshape(b, 1, 1)
+    if b == 1 and features.stride(1) == 1 and memory_format_of(features) == torch.contiguous_format:
+        # A window of a channels-last map (a tile's positions): each row of positions is contiguous, the window
+        # is not, and flattening it would copy it whole. Taken row by row instead.
+        rows = features[0].permute(1, 2, 0)  # (h, w, C), a view
+        weight = None if square_weight is None else square_weight[0].permute(1, 2, 0).to(features.dtype)
+        return _RowGram.apply(rows, weight, scale)
+    flat = channels_by_positions(features)
+    weight = None if square_weight is None else square_weight.reshape(b, 1, h * w).to(features.dtype)
+    return _Gram.apply(flat, weight, scale)
 
 
 def memory_format_of(features: Tensor) -> torch.memory_format:
@@ -75,9 +94,33 @@ class _Gram(torch.autograd.Function):
         return (weighted.transpose(1, 2) @ symmetric).transpose(1, 2), None, None  # positions-last, as F is
 
 
+class _RowGram(torch.autograd.Function):
+    """``_Gram`` for rows X (R, N, C) of positions, v (R, N, 1): G = sum_r X_r^T diag(v_r) X_r * scale, (1, C, C).
+    One batched product of the rows and a sum over them; the gradient (R, N, C) is positions-last, as X is."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, weight: Tensor | None, scale: float | Tensor) -> Tensor:
+        weighted = rows if weight is None else rows * weight
+        ctx.save_for_backward(rows, weight)
+        ctx.scale = scale
+        return (torch.bmm(weighted.transpose(1, 2), rows).sum(0, keepdim=True) * scale).reshape(1, rows.shape[2], -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        rows, weight = ctx.saved_tensors
+        weighted = rows if weight is None else rows * weight
+        symmetric = ((grad + grad.transpose(1, 2)) * ctx.scale).reshape(grad.shape[-2:])
+        return torch.matmul(weighted, symmetric), None, None
+
+
 def gram_loss(features: Tensor, target_gram: Tensor, mask: Tensor | None = None) -> Tensor:
     """Relative squared error of the Gram matrix: ||G - G_target||^2 / ||G_target||^2."""
-    return (gram_matrix(features, mask) - target_gram).square().sum() / target_gram.square().sum().clamp_min(_EPS)
+    return gram_distance(gram_matrix(features, mask), target_gram)
+
+
+def gram_distance(gram: Tensor, target_gram: Tensor) -> Tensor:
+    """||G - G_target||^2 / ||G_target||^2."""
+    return (gram - target_gram).square().sum() / target_gram.square().sum().clamp_min(_EPS)
 
 
 def content_loss(features: Tensor, target: Tensor, energy: float | Tensor) -> Tensor:
@@ -150,11 +193,28 @@ def mrf_targets(
     (coverage, mean target, residual): ``coverage`` (1, 1, H, W) is the total weight of the patches
     covering each position, ``mean target`` (1, C, H, W) their weighted mean matched value there,
     and ``residual`` the part of the loss no output can remove (matched patches that overlap
-    disagree). Built patch offset by patch offset, so no patch matrix is ever held. ``patch_energy``, the
-    squared norm of every style patch, may be given when the same style map is matched again.
+    disagree). ``patch_energy``, the squared norm of every style patch, may be given when the same style map is
+    matched again.
     """
+    coverage, mean = matched_means(style, indices, shape, patch_grid(*shape, size, stride), size, stride, weights)
+    residual = matched_energy(style, indices, size, stride, weights, patch_energy) - covered_energy(coverage, mean)
+    return coverage, mean, residual.clamp_min(0).to(style.dtype)
+
+
+def matched_means(
+    style: Tensor,
+    indices: Tensor,
+    shape: tuple[int, int],
+    grid: tuple[int, int],
+    size: int,
+    stride: int,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(coverage, mean target) of ``mrf_targets`` on a map of ``shape`` holding a ``grid`` (rows, cols) of patches
+    whose matches are ``indices``; a map larger than the grid reaches has coverage 0 beyond it. Built patch offset
+    by patch offset, so no patch matrix is ever held."""
     height, width = shape
-    rows, cols = patch_grid(height, width, size, stride)
+    rows, cols = grid
     channels = style.shape[1]
     style_rows = positions_last(style)
     starts = patch_starts(indices, tuple(style.shape[-2:]), size, stride)
@@ -169,20 +229,34 @@ def mrf_targets(
             here = (slice(dy, dy + (rows - 1) * stride + 1, stride), slice(dx, dx + (cols - 1) * stride + 1, stride))
             coverage[0, 0][here] += w.view(rows, cols)
             weighted_sum[here] += source.view(rows, cols, channels)
-    weighted_sum = weighted_sum.permute(2, 0, 1)[None].contiguous(memory_format=memory_format_of(style))
-    # sum_i w_i ||matched patch_i||^2 from the energy of every style patch, in float64 where the device has it
-    # cheaply (precision.accumulation_dtype): the residual is a small difference of large sums. It is a constant
-    # of the loss, so float32 (on GPUs) changes the reported value only, never the gradient.
+    mean = weighted_sum.div_(coverage[0, 0, :, :, None].clamp_min(_EPS))
+    return coverage, mean.permute(2, 0, 1)[None].contiguous(memory_format=memory_format_of(style))
+
+
+def matched_energy(
+    style: Tensor,
+    indices: Tensor,
+    size: int,
+    stride: int,
+    weights: Tensor | None = None,
+    patch_energy: Tensor | None = None,
+) -> Tensor:
+    """sum_i w_i ||matched style patch_i||^2, in float64 where the device has it cheaply
+    (``precision.accumulation_dtype``): the residual is a small difference of large sums. It is a constant of the
+    loss, so float32 (on GPUs) changes the reported value only, never the gradient."""
     wide = accumulation_dtype(style.device)
     if patch_energy is None:
         patch_energy = patch_norms(style.to(wide), size, stride).square()
-    square_sum = (patch_energy[indices].to(wide) * w.to(wide)).sum()
-    mean = weighted_sum / coverage.clamp_min(_EPS)
+    energy = patch_energy[indices].to(wide)
+    return energy.sum() if weights is None else (energy * weights.to(wide)).sum()
+
+
+def covered_energy(coverage: Tensor, mean: Tensor) -> Tensor:
+    """sum over positions of coverage * |mean target|^2, accumulated as ``matched_energy`` is."""
+    wide = accumulation_dtype(mean.device)
     coverage_wide = coverage.to(wide)
     # a few channels at a time: a whole float64 copy of the map would be the largest object here
-    covered = sum((coverage_wide * part.to(wide).square()).sum() for part in mean.split(16, dim=1))
-    residual = (square_sum - covered).clamp_min(0)
-    return coverage, mean, residual.to(style.dtype)
+    return sum((coverage_wide * part.to(wide).square()).sum() for part in mean.split(16, dim=1))
 
 
 def mrf_loss(features: Tensor, coverage: Tensor, mean_target: Tensor, residual: Tensor) -> Tensor:

@@ -2,9 +2,9 @@
 
 Only the image is optimised, so the network's weights need no gradient, and a conv layer's backward pass needs
 only its weight and where the ReLU after it was positive, not its float input: ``conv_relu`` keeps one byte per
-activation instead of four (at 1024 px ~0.3 GB instead of ~1 GB), and ``max_pool`` keeps its input (alive
-anyway) instead of an int64 index per output. The arithmetic is autograd's. ``VGGFeatures.lean_backward`` is the
-switch; tests compare both ways.
+activation instead of four (at 1024 px ~0.3 GB instead of ~1 GB), and ``max_pool`` keeps one byte per output
+(which of its four inputs was the largest) instead of its input or an int64 index per output. The arithmetic is
+autograd's. ``VGGFeatures.lean_backward`` is the switch; tests compare both ways.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ def max_pool(x: Tensor) -> Tensor:
     return _MaxPool.apply(x)
 
 
-def keeps_output(names: list[str], i: int, wanted: set[str], pooling: str) -> bool:
+def keeps_output(names: list[str], i: int, wanted: set[str]) -> bool:
     """Whether the ReLU output after conv ``names[i]`` is kept whole rather than as one byte per value: an output
-    that stays alive anyway (returned, or saved by the max pool after it) is kept by its conv rather than as a
-    second, boolean copy. (``memory.py`` counts with the same rule.)"""
-    pooled = i + 2 < len(names) and names[i + 2].startswith("pool") and pooling == "max"
-    return "relu" + names[i][4:] in wanted or pooled
+    that stays alive anyway (returned) is kept by its conv rather than as a second, boolean copy. (``memory.py``
+    counts with the same rule.)"""
+    return "relu" + names[i][4:] in wanted
 
 
 class _FrozenConvReLU(torch.autograd.Function):
@@ -79,13 +78,30 @@ def _through_relu(grad: Tensor, sign: Tensor) -> Tensor:
 
 
 class _MaxPool(torch.autograd.Function):
+    """2x2 max pooling keeping, per output, which of its window's four inputs was the largest (one byte), not the
+    input: the conv output before a pool then needs only its sign kept, like any other."""
+
+    OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))  # a window's inputs in the order max pooling scans them
+
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return F.max_pool2d(x, 2)
+        out = F.max_pool2d(x, 2)
+        rows, cols = out.shape[-2:]
+        which = torch.zeros(out.shape, dtype=torch.uint8, device=out.device)
+        # Of equal inputs the first one scanned is the maximum (as max_pool2d's own index says): written last.
+        for k in (3, 2, 1, 0):
+            dy, dx = _MaxPool.OFFSETS[k]
+            which.masked_fill_(x[..., dy : 2 * rows : 2, dx : 2 * cols : 2] == out, k)
+        ctx.save_for_backward(which)
+        ctx.input_shape, ctx.layout = x.shape, memory_format_of(x)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        _, index = F.max_pool2d(x, 2, return_indices=True)
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, index)
+        (which,) = ctx.saved_tensors
+        grad_input = torch.empty(ctx.input_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout)
+        grad_input.zero_()
+        rows, cols = grad.shape[-2:]
+        for k, (dy, dx) in enumerate(_MaxPool.OFFSETS):
+            grad_input[..., dy : 2 * rows : 2, dx : 2 * cols : 2] = grad * (which == k)
+        return grad_input

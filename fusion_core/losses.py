@@ -16,6 +16,8 @@ features are ~50x larger than torchvision ones); README "Loss normalisation" has
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -32,25 +34,37 @@ CONTENT_SCALE = 0.2
 
 
 class GramLoss(nn.Module):
-    """Gram loss against fixed style Grams, optionally guided by a mask per layer."""
+    """Gram loss against fixed style Grams (``functional.gram_matrix`` of the style's features, guided by its
+    style mask), optionally guided by a target mask per layer."""
 
-    def __init__(
-        self,
-        style_features: dict[str, Tensor],
-        style_masks: dict[str, Tensor | None] | None = None,
-        target_masks: dict[str, Tensor | None] | None = None,
-    ) -> None:
+    def __init__(self, style_grams: dict[str, Tensor], target_masks: dict[str, Tensor | None] | None = None) -> None:
         super().__init__()
-        self.layers = tuple(style_features)
-        style_masks = style_masks or {}
+        self.layers = tuple(style_grams)
         self.target_masks = target_masks or {}
-        for layer, features in style_features.items():
-            self.register_buffer(f"gram_{layer}", Fn.gram_matrix(features, style_masks.get(layer)).detach())
+        for layer, gram in style_grams.items():
+            self.register_buffer(f"gram_{layer}", gram.detach())
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         total = 0.0
         for layer in self.layers:
             total = total + Fn.gram_loss(features[layer], getattr(self, f"gram_{layer}"), self.target_masks.get(layer))
+        return total / len(self.layers)
+
+    # The tiled evaluation (tiling.py): the Gram matrices of the whole map as sums of parts, then the loss of them.
+
+    def part(self, layer: str, features: Tensor, window: tuple[slice, slice], shape: tuple[int, int]) -> Tensor:
+        """The part of ``layer``'s Gram matrix from ``features``, the positions ``window`` of a map of ``shape``."""
+        mask = self.target_masks.get(layer)
+        if mask is None:
+            return Fn.gram_part(features, None, 1.0 / (shape[0] * shape[1]))
+        square = mask.to(features.dtype).square()
+        return Fn.gram_part(features, square[window][None, None], 1.0 / square.sum().clamp_min(1e-8))
+
+    def loss_of(self, grams: dict[str, Tensor]) -> Tensor:
+        """The loss of the whole map's Gram matrices ``grams``: ``forward``'s value."""
+        total = 0.0
+        for layer in self.layers:
+            total = total + Fn.gram_distance(grams[layer], getattr(self, f"gram_{layer}"))
         return total / len(self.layers)
 
 
@@ -64,6 +78,11 @@ class ContentLoss(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         return CONTENT_SCALE * Fn.content_loss(features[self.layer], self.target, self.energy)
+
+    def part(self, features: Tensor, window: tuple[slice, slice]) -> Tensor:
+        """The loss's share from ``features``, the positions ``window`` of the map (tiling.py)."""
+        distance = (features - self.target[..., window[0], window[1]]).square().sum()
+        return CONTENT_SCALE * distance / (self.target.numel() * max(float(self.energy), 1e-8))
 
 
 class PatchLoss(nn.Module):
@@ -95,9 +114,12 @@ class PatchLoss(nn.Module):
         self.style_energy = Fn.patch_norms(self.style.to(wide), patch_size, stride).square()
         energy = self.style_energy if style_eligible is None else self.style_energy[style_eligible]
         self.patch_energy = float(energy.mean())
+        # the sum of the per-patch weights (the loss is a weighted mean over patches), read once per level
+        self.total_weight = None if target_weights is None else float(target_weights.sum())
         self.indices: Tensor | None = None  # last match, for inspection
         self._targets: tuple[Tensor, Tensor, Tensor] | None = None
         self._search = None
+        self._tiled: _PartialMatch | None = None
 
     @torch.no_grad()
     def match(self, features: dict[str, Tensor]) -> None:
@@ -115,6 +137,94 @@ class PatchLoss(nn.Module):
             self.style_energy,
         )
 
+    # The tiled evaluation (tiling.py): the matches of the whole map found tile by tile, the loss of a tile's
+    # positions from the matches of the patches covering them.
+
+    @torch.no_grad()
+    def start_tiled_match(self, shape: tuple[int, int]) -> None:
+        """Begin a match of a map of ``shape`` in parts (``match_part``), ended by ``finish_tiled_match``."""
+        if self._search is None:
+            self._search = MATCHERS[self.matcher](self.style, self.patch_size, self.stride, self.style_eligible)
+        rows, cols = Fn.patch_grid(*shape, self.patch_size, self.stride)
+        previous = self.indices if self.indices is not None and self.indices.numel() == rows * cols else None
+        full = getattr(self._search, "full_due", lambda previous: True)(previous)
+        search_pool = getattr(self._search, "pool", None)
+        pool = None if search_pool is None or full or previous is None else search_pool.view(rows, cols, -1)
+        new = torch.empty(rows, cols, dtype=torch.long, device=self.style.device)
+        self._tiled = _PartialMatch(None if previous is None else previous.view(rows, cols), new, pool, full, [])
+        self._targets = None
+
+    @torch.no_grad()
+    def match_part(self, features: Tensor, origin: tuple[int, int], owned: tuple[range, range]) -> None:
+        """Match the patches whose first position is in ``owned`` (rows, cols) from ``features``, a window of the
+        map whose first position is ``origin``, holding those patches and the ring of patches around them."""
+        previous, new, pool, full, pools = self._tiled
+        step, size = self.stride, self.patch_size
+        rows, cols = (
+            range(-(-r.start // step), min(n, -(-r.stop // step))) for r, n in zip(owned, new.shape, strict=True)
+        )
+        if not (len(rows) and len(cols)):
+            return
+        ring = 0 if full or previous is None else 1  # propagation looks at the neighbours' previous matches
+        r0, r1 = max(0, rows.start - ring), min(new.shape[0], rows.stop + ring)
+        c0, c1 = max(0, cols.start - ring), min(new.shape[1], cols.stop + ring)
+        y, x = r0 * step - origin[0], c0 * step - origin[1]
+        query = features[..., y : y + (r1 - r0 - 1) * step + size, x : x + (c1 - c0 - 1) * step + size]
+        before = None if previous is None else previous[r0:r1, c0:c1].reshape(-1)
+        if ring:
+            found = self._search.propagate(query, before, pool[r0:r1, c0:c1].reshape(before.shape[0], -1))
+        elif hasattr(self._search, "full_search"):  # the fast search: keep its candidates for the propagations
+            found = self._search.full_search(query, before)
+            pools.append((rows, cols, self._search.pool))
+        else:
+            found = self._search(query, before)
+        inner = found.view(r1 - r0, c1 - c0)[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
+        new[rows.start : rows.stop, cols.start : cols.stop] = inner
+
+    @torch.no_grad()
+    def finish_tiled_match(self) -> None:
+        previous, new, pool, full, pools = self._tiled
+        if pools:  # the fast search's candidates of this full search, for the propagations that follow
+            whole = new.new_empty(*new.shape, pools[0][2].shape[1])
+            for rows, cols, part in pools:
+                whole[rows.start : rows.stop, cols.start : cols.stop] = part.view(len(rows), len(cols), -1)
+            self._search.pool = whole.view(new.numel(), -1)
+        self.indices, self._tiled = new.view(-1), None
+
+    def part(self, features: Tensor, window: tuple[slice, slice], shape: tuple[int, int]) -> Tensor:
+        """The loss's share from ``features``, the positions ``window`` (start and stop set) of a map of ``shape``:
+        the pull toward the matches of every patch covering them, and the residual of the patches whose first
+        position lies in the window."""
+        step, size = self.stride, self.patch_size
+        rows, cols = Fn.patch_grid(*shape, size, step)
+        grid = self.indices.view(rows, cols)
+        weights = None if self.target_weights is None else self.target_weights.view(rows, cols)
+        # the patches covering the window, and those starting in it (whose residual this part counts)
+        (i0, i1), (j0, j1) = (_covering(w, size, step, n) for w, n in ((window[0], rows), (window[1], cols)))
+        (o0, o1), (p0, p1) = (
+            (-(-w.start // step), min(n, -(-w.stop // step))) for w, n in zip(window, (rows, cols), strict=True)
+        )
+        top, left = i0 * step, j0 * step
+        height = max(window[0].stop, (i1 - 1) * step + size) - top
+        width = max(window[1].stop, (j1 - 1) * step + size) - left
+        near = grid[i0:i1, j0:j1].reshape(-1)
+        near_weights = None if weights is None else weights[i0:i1, j0:j1].reshape(-1)
+        coverage, mean = Fn.matched_means(
+            self.style, near, (height, width), (i1 - i0, j1 - j0), size, step, near_weights
+        )
+        inside = (
+            slice(window[0].start - top, window[0].stop - top),
+            slice(window[1].start - left, window[1].stop - left),
+        )
+        coverage, mean = coverage[..., inside[0], inside[1]], mean[..., inside[0], inside[1]]
+        own = grid[o0:o1, p0:p1].reshape(-1)
+        own_weights = None if weights is None else weights[o0:o1, p0:p1].reshape(-1)
+        residual = Fn.matched_energy(self.style, own, size, step, own_weights, self.style_energy)
+        residual = (residual - Fn.covered_energy(coverage, mean)).to(self.style.dtype)
+        total_weight = rows * cols if self.total_weight is None else self.total_weight
+        normaliser = max(total_weight, 1e-8) * max(self.patch_energy, 1e-8)
+        return LOCAL_SCALE * Fn.mrf_loss(features, coverage, mean, residual) / normaliser
+
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         if self._targets is None:
             self.match(features)
@@ -122,6 +232,22 @@ class PatchLoss(nn.Module):
         patch_weight = coverage.sum() / self.patch_size**2  # sum of the per-patch weights
         normaliser = patch_weight.clamp_min(1e-8) * max(self.patch_energy, 1e-8)
         return LOCAL_SCALE * Fn.mrf_loss(features[self.layer], *self._targets) / normaliser
+
+
+class _PartialMatch(NamedTuple):
+    """A match made in parts (``PatchLoss.start_tiled_match``): the grids of the last and the new matches, the fast
+    search's candidates of its last full search, whether this one is a full search, and its parts' candidates."""
+
+    previous: Tensor | None
+    new: Tensor
+    pool: Tensor | None
+    full: bool
+    pools: list[tuple[range, range, Tensor]]
+
+
+def _covering(window: slice, size: int, stride: int, count: int) -> tuple[int, int]:
+    """The patches (first, last + 1) of a grid of ``count`` that cover any position of ``window``."""
+    return max(0, -(-(window.start - size + 1) // stride)), min(count, (window.stop - 1) // stride + 1)
 
 
 class TVLoss(nn.Module):

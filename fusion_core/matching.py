@@ -229,9 +229,14 @@ class ProjectedSearch:
     def __call__(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
         """The search to run between optimiser iterations: ``full_search`` at the first and every
         ``FULL_SEARCH_EVERY``-th call, ``propagate`` from ``previous`` otherwise."""
+        return self.full_search(query, previous) if self.full_due(previous) else self.propagate(query, previous)
+
+    def full_due(self, previous: Tensor | None) -> bool:
+        """Whether this match is a full search (else a propagation from ``previous``); counts the match. A match
+        made in parts (tiling.py) asks once and runs the chosen search on every part."""
         full = previous is None or self.pool is None or self.matches % FULL_SEARCH_EVERY == 0
         self.matches += 1
-        return self.full_search(query, previous) if full else self.propagate(query, previous)
+        return full
 
     @torch.no_grad()
     def full_search(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
@@ -293,11 +298,12 @@ class ProjectedSearch:
             return candidates.masked_fill(~tied, _NO_INDEX).amin(1)
 
     @torch.no_grad()
-    def propagate(self, query: Tensor, previous: Tensor) -> Tensor:
+    def propagate(self, query: Tensor, previous: Tensor, pool: Tensor | None = None) -> Tensor:
         """Best of a few candidates per query patch, by the exact score (one PatchMatch round):
         ``previous``, the neighbours' matches shifted to this position, two random style patches within a
         quarter and a sixteenth of the style map around the previous match, and the last full search's
-        candidates. Never worse than ``previous``; ineligible candidates are replaced by ``previous``."""
+        candidates (``pool``, by default those it kept for the whole grid). Never worse than ``previous``;
+        ineligible candidates are replaced by ``previous``."""
         with precision.float32_region(query.device):
             query = query.float()
             q_shape = tuple(query.shape[-2:])
@@ -323,8 +329,9 @@ class ProjectedSearch:
                 found.append((r * s_cols + c).flatten())
             candidates = torch.stack(found, 1)
             candidates = torch.where(self.is_eligible[candidates], candidates, previous[:, None])
-            if self.pool is not None and self.pool.shape[0] == candidates.shape[0]:
-                candidates = torch.cat([candidates, self.pool], 1)
+            pool = self.pool if pool is None else pool
+            if pool is not None and pool.shape[0] == candidates.shape[0]:
+                candidates = torch.cat([candidates, pool], 1)
             return self._best_of(positions_last(query), q_shape, 0, candidates)  # chunked in _patch_dots
 
 

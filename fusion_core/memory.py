@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .config import Settings, StyleTerm
+from .config import LocalStyle, Settings, StyleTerm
 from .errors import FusionError
-from .geometry import style_shape
+from .geometry import feature_shape, style_shape
 from .lean_backward import keeps_output
 from .matching import DEFAULT_MAX_SCORES
 from .precision import mixed_dtype
@@ -44,12 +45,13 @@ def _activation_elements(vgg: VGGFeatures, shape: tuple[int, int], layers: set[s
             conv += 1
             size = channels * h * w
             largest = max(largest, size)
-            if name in layers or keeps_output(names, i, layers, vgg.pooling):  # a returned conv output: unfused
+            if name in layers or keeps_output(names, i, layers):  # a returned conv output: unfused
                 whole += size
             else:
                 signs += size
         elif name.startswith("pool"):
             h, w = h // 2, w // 2
+            signs += channels * h * w if vgg.pooling == "max" else 0  # which input was the largest
         if name in layers:
             returned += channels * h * w
     return whole, signs, returned, largest
@@ -65,23 +67,40 @@ def kept_bytes(vgg: VGGFeatures, shape: tuple[int, int], layers: set[str], half:
     return whole * (torch.finfo(half).bits // 8) + signs + returned * _FLOAT
 
 
-def estimate_bytes(vgg: VGGFeatures, shape: tuple[int, int], styles: Sequence[StyleTerm], settings: Settings) -> int:
-    """Peak bytes for optimising an output of ``shape`` (the last, largest level)."""
+def _layers(styles: Sequence[StyleTerm], settings: Settings) -> set[str]:
     layers = {settings.content_layer}
     for style in styles:
         layers.update(style.feature_layers())
+    return layers
+
+
+def _vectors(settings: Settings, history: int) -> int:
+    """Image-sized float32 vectors the optimiser holds, with the image and its gradient."""
+    # L-BFGS: history + 1 pairs of (y, s), direction, previous gradient, q; plus image and gradient. Adam: 2 moments.
+    return 2 * (history + 1) + 5 if settings.optimizer == "lbfgs" else 4
+
+
+def estimate_bytes(
+    vgg: VGGFeatures,
+    shape: tuple[int, int],
+    styles: Sequence[StyleTerm],
+    settings: Settings,
+    history: int | None = None,
+) -> int:
+    """Peak bytes for optimising an output of ``shape`` (the last, largest level) whole, with an L-BFGS
+    ``history`` (default ``settings.history_size``)."""
+    layers = _layers(styles, settings)
     half = mixed_dtype(vgg.device, settings.mixed_precision)
     pass_bytes = _FLOAT if half is None else torch.finfo(half).bits // 8
     _, _, returned, largest = _activation_elements(vgg, shape, layers)
     pixels = 3 * shape[0] * shape[1]
-    # L-BFGS: history_size + 1 pairs of (y, s), direction, previous gradient, q; plus image and gradient
-    history = 2 * (settings.history_size + 1) + 5 if settings.optimizer == "lbfgs" else 4
+    vectors = _vectors(settings, settings.history_size if history is None else history)
     # Optimising: the pass's kept activations, a few gradients of the largest size in the backward pass, the
     # optimiser, a score block.
     optimising = (
         kept_bytes(vgg, shape, layers, half)
         + 3 * largest * pass_bytes
-        + (history * pixels + DEFAULT_MAX_SCORES) * _FLOAT
+        + (vectors * pixels + DEFAULT_MAX_SCORES) * _FLOAT
     )
     # Before that, each style image's pass in float32 (the two largest activations at once) and the layers cached
     # from it.
@@ -91,6 +110,123 @@ def estimate_bytes(vgg: VGGFeatures, shape: tuple[int, int], styles: Sequence[St
         _, _, style_returned, style_largest = _activation_elements(vgg, size, layers)
         setting_up = max(setting_up, (2 * style_largest + style_returned) * _FLOAT)
     return max(optimising, setting_up) + targets
+
+
+def tiled_bytes(
+    vgg: VGGFeatures,
+    shape: tuple[int, int],
+    styles: Sequence[StyleTerm],
+    settings: Settings,
+    tile: int,
+    history: int,
+) -> int:
+    """Peak bytes for optimising an output of ``shape`` in tiles of ``tile`` px (tiling.py): the image-sized
+    vectors, the targets kept whole (the content's map, each patch loss's style map, its search's projection and
+    matches), and the largest tile's evaluation as ``estimate_bytes`` counts a whole image's."""
+    from .tiling import TilePlan, patch_reach  # tiling builds on the losses; the estimate needs only its plan
+
+    layers = _layers(styles, settings)
+    half = mixed_dtype(vgg.device, settings.mixed_precision)
+    pass_bytes = _FLOAT if half is None else torch.finfo(half).bits // 8
+    extra = dict.fromkeys(layers, (0, 0))
+    for style in styles:
+        if isinstance(style, LocalStyle):
+            extra[style.layer] = patch_reach(style.patch_size, style.stride)
+    crops = [tile.crop for tile in TilePlan(vgg.names, shape, extra, tile).tiles]
+    crop = max(((c[0].stop - c[0].start, c[1].stop - c[1].start) for c in crops), key=math.prod)
+    _, _, _, crop_largest = _activation_elements(vgg, crop, layers)
+    local_layers = {settings.content_layer} | {s.layer for s in styles if isinstance(s, LocalStyle)}
+    crop_local = _activation_elements(vgg, crop, local_layers)[2]
+    pixels = 3 * shape[0] * shape[1]
+    content = _activation_elements(vgg, shape, {settings.content_layer})[2]
+    whole = _vectors(settings, history) * pixels * _FLOAT + content * _FLOAT
+    searches, setting_up = 0, 0
+    for style in styles:
+        size = style_shape(tuple(style.image.shape[-2:]), shape, style.scale)
+        style_crop = (min(tile, size[0]), min(tile, size[1]))
+        _, _, returned, largest = _activation_elements(vgg, style_crop, layers)
+        setting_up = max(setting_up, (2 * largest + returned) * _FLOAT)
+        if isinstance(style, LocalStyle):
+            channels, (h, w) = _channels(vgg, style.layer), feature_shape(size, style.layer)
+            queries = math.prod(feature_shape(shape, style.layer))
+            # the style map, its projection (64 values per patch) and squared norms, the matches and candidates
+            searches += (channels + 64 + 4) * h * w * _FLOAT + queries * (2 + 9) * 8
+    one_tile = (
+        kept_bytes(vgg, crop, layers, half)
+        + 3 * crop_largest * pass_bytes  # gradients in the backward pass
+        + 3 * crop_local * _FLOAT  # the window's targets and differences on the content and patch layers
+        + DEFAULT_MAX_SCORES * _FLOAT
+    )
+    return whole + searches + max(one_tile, setting_up)
+
+
+def _channels(vgg: VGGFeatures, layer: str) -> int:
+    convs = sum(1 for name in vgg.names[: vgg.names.index(layer) + 1] if name.startswith("conv"))
+    return vgg.convs[convs - 1].out_channels
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """How a level is evaluated: whole (``tile`` 0) or in tiles of ``tile`` px, and the L-BFGS history it keeps."""
+
+    tile: int
+    history: int
+
+
+MIN_HISTORY = 5  # the automatic choice shrinks the tiles before the L-BFGS history below this
+
+
+def plan_level(
+    vgg: VGGFeatures,
+    shape: tuple[int, int],
+    styles: Sequence[StyleTerm],
+    settings: Settings,
+    available: int | None = None,
+) -> LevelPlan:
+    """Whole or tiled, and the history, for optimising a canvas of ``shape`` in the memory ``available`` (default:
+    what the device has free). ``settings.tile`` > 0 asks for tiles of that size; 0 tiles only a level that would
+    not fit whole, in the largest tiles that leave the L-BFGS history at least MIN_HISTORY (or
+    ``settings.history_size`` if smaller), and shrinks the history only when the smallest tiles need it."""
+    available = available_bytes(vgg.device) if available is None else available
+    wanted = settings.history_size if settings.optimizer == "lbfgs" else 0
+    budget = None if available is None else 0.9 * available
+
+    def history_for(tile: int) -> int:
+        """The longest history (<= wanted) that fits with ``tile`` (0: whole), or -1."""
+        for history in range(wanted, -1, -1):
+            needed = (
+                estimate_bytes(vgg, shape, styles, settings, history)
+                if tile == 0
+                else tiled_bytes(vgg, shape, styles, settings, tile, history)
+            )
+            if budget is None or needed <= budget:
+                return history
+            if settings.optimizer != "lbfgs":
+                break
+        return -1
+
+    if settings.tile > 0:
+        history = history_for(settings.tile)
+        if history >= min(1, wanted):
+            return LevelPlan(settings.tile, history)
+        _refuse(vgg, shape, styles, settings, available, settings.tile)
+    if history_for(0) == wanted:
+        return LevelPlan(0, wanted)
+    sizes, size = [], max(shape) - 64
+    while size >= MIN_TILE:  # from tiles of nearly the whole canvas down, ~15% at a time
+        sizes.append(size // 64 * 64)
+        size = int(size * 0.85)
+    for size in sizes:
+        history = history_for(size)
+        if history >= min(MIN_HISTORY, wanted):
+            return LevelPlan(size, history)
+    if sizes and history_for(sizes[-1]) >= min(1, wanted):
+        return LevelPlan(sizes[-1], history_for(sizes[-1]))
+    _refuse(vgg, shape, styles, settings, available, sizes[-1] if sizes else MIN_TILE)
+    raise AssertionError  # _refuse raises
+
+
+MIN_TILE = 384  # the smallest automatic tile: smaller ones spend most of their time on the halo (tiling.py)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -121,19 +257,26 @@ def check_memory(
     styles: Sequence[StyleTerm],
     settings: Settings,
     available: int | None = None,
+) -> LevelPlan:
+    """The plan for a canvas of ``shape`` (``plan_level``); a FusionError with the estimate and a size that would fit
+    where not even tiles of the smallest size would."""
+    return plan_level(vgg, shape, styles, settings, available)
+
+
+def _refuse(
+    vgg: VGGFeatures,
+    shape: tuple[int, int],
+    styles: Sequence[StyleTerm],
+    settings: Settings,
+    available: int,
+    tile: int,
 ) -> None:
-    """Raise a FusionError with the estimate and a size that would fit, rather than run out of memory."""
-    available = available_bytes(vgg.device) if available is None else available
-    if available is None:
-        return
-    needed = estimate_bytes(vgg, shape, styles, settings)
-    if needed <= 0.9 * available:
-        return
+    needed = tiled_bytes(vgg, shape, styles, settings, tile, 1 if settings.optimizer == "lbfgs" else 0)
     fits = max(64, int(settings.size * math.sqrt(0.9 * available / needed)) // 64 * 64)
     advice = f"use a smaller size (about {fits} px would fit)"
     if settings.optimizer == "lbfgs":
-        advice += ", a smaller history_size, or optimizer 'adam'"
+        advice += " or optimizer 'adam'"
     raise FusionError(
-        f"size: an output of {shape[1]}x{shape[0]} px needs about {needed / 2**30:.1f} GiB, but only "
-        f"{available / 2**30:.1f} GiB is free on {vgg.device}; {advice}"
+        f"size: an output of {shape[1]}x{shape[0]} px needs about {needed / 2**30:.1f} GiB even in tiles of {tile} px, "
+        f"but only {available / 2**30:.1f} GiB is free on {vgg.device}; {advice}"
     )

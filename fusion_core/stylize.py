@@ -21,7 +21,8 @@ from .errors import Cancelled, FusionError
 from .geometry import border_margin, feature_shape, level_shapes, style_shape, with_margin
 from .images import check_image, check_mask, mirror_pad, resize, resize_mask
 from .lbfgs import LBFGS
-from .memory import check_memory
+from .memory import check_memory, plan_level
+from .tiling import TiledCriterion
 from .vgg import VGGFeatures
 
 # Called before each level is optimised with (0-based level, its criterion, the canvas it starts from).
@@ -51,7 +52,7 @@ def stylize(
         content, styles = _checked_inputs(vgg, content, styles, settings)
         shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)
         _check_sizes(styles, settings, shapes)
-        check_memory(vgg, with_margin(shapes[-1], border_margin(shapes[-1])), styles, settings)
+        check_memory(vgg, with_margin(shapes[-1], border_margin(shapes[-1])), styles, settings)  # before any work
         content = content.to(vgg.device)
         target, styles = _apply_colour_mode(content, styles, settings.color)
         start = starting_image(target, styles, settings.init)
@@ -59,16 +60,28 @@ def stylize(
         for level, shape in enumerate(shapes):
             margin = border_margin(shape)
             level_styles = styles_at_level(styles, settings, shape, last=level == len(shapes) - 1)
-            criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin)
+            plan = plan_level(vgg, with_margin(shape, margin), level_styles, settings)
+            criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin, tile=plan.tile)
+            evaluator: Criterion | TiledCriterion = criterion
+            if plan.tile:
+                tiled = TiledCriterion(criterion, with_margin(shape, margin), plan.tile)
+                evaluator = tiled if tiled.tiles > 1 else criterion  # one tile is the whole canvas
             if image is None:
                 image = random_image(shape, settings.seed, vgg.device) if start is None else resize(start, shape)
             else:
                 image = carry_up(image, shape, None if start is None else resize(start, shape))
-            canvas = mirror_pad(image, margin)
+            canvas, image = mirror_pad(image, margin), None  # at print sizes every image-sized copy counts
+            if level == len(shapes) - 1:
+                start = None  # the last level has been started
             if on_level is not None:
                 on_level(level, criterion, canvas)
-            report = _reporter(on_progress, settings, level, margin)
-            image = _inner(_optimise(criterion, canvas, settings, report, should_stop), margin)
+            tiles = evaluator.tiles if isinstance(evaluator, TiledCriterion) else 1
+            # A level of n iterations stores at most n - 1 curvature pairs: a longer history would be memory never used.
+            iterations = settings.level_iterations(level)
+            history = min(plan.history, max(1, iterations - 1))
+            report = _reporter(on_progress, settings, level, margin, tiles, history)
+            optimised = _optimise(evaluator, canvas, settings, iterations, history, report, should_stop)
+            image = _inner(optimised, margin)
         image = image.clamp(0, 1)
         if settings.color == "luminance":
             image = recombine_chroma(image, resize(content, tuple(image.shape[-2:])))
@@ -147,27 +160,27 @@ class _Adam:
 
 
 def _optimise(
-    criterion: Criterion,
+    criterion: Criterion | TiledCriterion,
     canvas: Tensor,
     settings: Settings,
+    iterations: int,
+    history: int,
     report: Callable[[int, dict[str, float], Tensor], None],
     should_stop: Callable[[], bool] | None,
 ) -> Tensor:
-    """Optimise ``canvas`` against ``criterion`` for ``settings.iterations`` iterations.
+    """Optimise ``canvas`` against ``criterion`` for ``iterations`` iterations, L-BFGS keeping ``history``
+    curvature pairs (``memory.plan_level``).
 
     Each iteration reads from the device once: the loss terms, whether the image gradient is finite, the
     gradient scale's measure and the optimiser's scalars travel as one tensor. A non-finite gradient in the
     16-bit pass is an overflow: the evaluation is repeated with a smaller scale (precision.GradientScale).
     """
-    image = canvas.detach().clone().requires_grad_(True)
+    image = canvas.detach().requires_grad_(True)  # optimised in place: the caller's canvas is not used again
     if settings.optimizer == "adam":
         optimizer: LBFGS | _Adam = _Adam(image, settings.learning_rate or 0.02)
     else:
-        # A level of n iterations stores at most n - 1 curvature pairs, so a longer history would be memory
-        # never used.
-        history = min(settings.history_size, max(1, settings.iterations - 1))
         optimizer = LBFGS(image, lr=settings.learning_rate or 1, history_size=history)
-    for iteration in range(1, settings.iterations + 1):
+    for iteration in range(1, iterations + 1):
         if should_stop is not None and should_stop():
             raise Cancelled("stopped by the caller")
         rematch = (iteration - 1) % settings.rematch_every == 0
@@ -178,17 +191,15 @@ def _optimise(
 
 
 def _evaluate(
-    criterion: Criterion, image: Tensor, optimizer: LBFGS | _Adam, rematch: bool
+    criterion: Criterion | TiledCriterion, image: Tensor, optimizer: LBFGS | _Adam, rematch: bool
 ) -> tuple[dict[str, float], list[float]]:
     """Evaluate the loss and set ``image.grad``; returns the terms and the optimiser's scalars, read from the
     device in one transfer. Repeats the evaluation while the gradient scale asks for it (an overflow in the
     16-bit pass) and raises where the loss or the image gradient is not finite."""
     scale = criterion.gradient_scale
     while True:
-        image.grad = None
-        values = criterion(image, rematch=rematch)
-        values["total"].backward()
-        terms = torch.stack([value.detach() for value in values.values()])
+        values = criterion.evaluate(image, rematch=rematch)
+        terms = torch.stack(list(values.values()))
         largest = image.new_zeros(()) if scale.largest is None else scale.largest
         checks = torch.stack([torch.isfinite(image.grad).all().float(), largest])
         numbers = torch.cat([terms, checks, optimizer.scalars()]).tolist()  # the one transfer
@@ -206,7 +217,12 @@ def _evaluate(
 
 
 def _reporter(
-    on_progress: Callable[[Progress], None] | None, settings: Settings, level: int, margin: int
+    on_progress: Callable[[Progress], None] | None,
+    settings: Settings,
+    level: int,
+    margin: int,
+    tiles: int,
+    history: int,
 ) -> Callable[[int, dict[str, float], Tensor], None]:
     """The per-iteration report of ``level``: a ``Progress``, with the image (margin cut off) when a preview is
     due."""
@@ -214,7 +230,8 @@ def _reporter(
     def report(iteration: int, losses: dict[str, float], image: Tensor) -> None:
         if on_progress is None:
             return
-        every, last = settings.preview_every, settings.iterations
+        every, last = settings.preview_every, settings.level_iterations(level)
+        done = sum(settings.level_iterations(earlier) for earlier in range(level))
         preview = every > 0 and (iteration % every == 0 or iteration == last)
         on_progress(
             Progress(
@@ -222,10 +239,12 @@ def _reporter(
                 levels=settings.levels,
                 iteration=iteration,
                 iterations=last,
-                step=level * last + iteration,
-                steps=settings.levels * last,
+                step=done + iteration,
+                steps=settings.total_steps(),
                 losses=losses,
                 image=_inner(image, margin).detach().clamp(0, 1).clone() if preview else None,
+                tiles=tiles,
+                history=history if settings.optimizer == "lbfgs" else 0,
             )
         )
 

@@ -121,10 +121,7 @@ class VGGFeatures(nn.Module):
                 conv = self.convs[conv_i]
                 conv_i += 1
                 fused = compact and name not in wanted
-                if fused:
-                    x = lean.conv_relu(x, conv.weight, conv.bias, lean.keeps_output(names, i, wanted, self.pooling))
-                else:
-                    x = conv(x)
+                x = lean.conv_relu(x, conv.weight, conv.bias, lean.keeps_output(names, i, wanted)) if fused else conv(x)
             elif name.startswith("relu"):
                 if not fused:
                     # In place only when the conv output it overwrites is not one we return.

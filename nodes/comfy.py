@@ -9,6 +9,7 @@ and weights in ``fallback_models_dir`` (the CLI's folder unless a test points it
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,11 @@ def _module(name: str) -> ModuleType | None:
 
 
 # --- device and memory ---------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """A line in ComfyUI's console (its logging shows INFO)."""
+    logging.getLogger("fusion_style").info(message)
 
 
 def torch_device() -> torch.device:

@@ -78,9 +78,10 @@ class FusionStyleFusedOptimize:
                     {
                         "default": _DEFAULTS.size,
                         "min": 64,
-                        "max": 4096,
+                        "max": 8192,
                         "step": 8,
-                        "tooltip": "Longest side of the output in pixels.",
+                        "tooltip": "Longest side of the output in pixels. Above what fits in memory, levels are "
+                        "evaluated in tiles (see tile).",
                     },
                 ),
                 "levels": (
@@ -207,6 +208,29 @@ class FusionStyleFusedOptimize:
                         "the local loss only on levels where the style image is at least 256 px.",
                     },
                 ),
+                "tile": (
+                    "INT",
+                    {
+                        "default": _DEFAULTS.tile,
+                        "min": 0,
+                        "max": 16384,
+                        "step": 64,
+                        "tooltip": "Large prints: evaluate each level in tiles of at most this many pixels. The "
+                        "result is the same as untiled (no seams), in the memory of one tile, at ~1.5x the time per "
+                        "pixel. 0: tiles only when a level would not fit in the device's free memory, as large as "
+                        "fit; the console says how many tiles and how long an L-BFGS history each level uses.",
+                    },
+                ),
+                "final_iterations": (
+                    "INT",
+                    {
+                        "default": _DEFAULTS.final_iterations,
+                        "min": 0,
+                        "max": 10000,
+                        "tooltip": "Iterations at the last, largest level; 0: the same as iterations. The last level "
+                        "costs 4x the one before it, so fewer here saves most of a large print's time.",
+                    },
+                ),
             },
         }
 
@@ -231,6 +255,8 @@ class FusionStyleFusedOptimize:
         rematch_every=None,
         mixed_precision=None,
         preset=None,
+        tile=None,
+        final_iterations=None,
     ):
         inputs = dict(
             content_weight=content_weight,
@@ -248,11 +274,13 @@ class FusionStyleFusedOptimize:
             rematch_every=rematch_every or _DEFAULTS.rematch_every,
             mixed_precision=_DEFAULTS.mixed_precision if mixed_precision is None else bool(mixed_precision),
             preview_every=PREVIEW_EVERY,
+            tile=tile or _DEFAULTS.tile,
+            final_iterations=final_iterations or _DEFAULTS.final_iterations,
         )
         settings = Settings(**{**inputs, **preset_fields(preset or "default")})  # the preset wins over the widgets
         check_layers(vgg, style_losses, settings)  # before any work: name the widget that asks for a missing layer
         contents = split_images("content_image", content_image)
-        steps = levels * iterations
+        steps = settings.total_steps()
         update = comfy.progress_bar(steps * len(contents))
         device = comfy.torch_device()
         comfy.free_memory(_needed_bytes(vgg, content_image, style_losses, settings), device)
@@ -264,6 +292,11 @@ class FusionStyleFusedOptimize:
             for i, content in enumerate(contents):
 
                 def on_progress(p, done=i * steps):
+                    if p.iteration == 1 and p.tiles > 1:
+                        comfy.log(
+                            f"Fused Style Optimize: level {p.level}/{p.levels} in {p.tiles} tiles, "
+                            f"L-BFGS history {p.history}"
+                        )
                     update(done + p.step, None if p.image is None else to_pil(p.image))
 
                 try:

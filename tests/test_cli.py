@@ -130,6 +130,18 @@ def test_matcher_flags_reach_the_settings(files, fake_stylize):
     assert (captured[0].matcher, captured[0].rematch_every) == ("exact", 4)
 
 
+def test_tile_and_final_iterations_flags_reach_the_settings(files, fake_stylize):
+    captured = fake_stylize(cli)
+    out = str(files / "tiled.png")
+    assert (
+        run(files, "--style", str(files / "style.png"), "--out", out, "--quiet", "--tile", "1024", "--final-iters", "7")
+        == 0
+    )
+    assert (captured[0].tile, captured[0].final_iterations) == (1024, 7)
+    assert run(files, "--style", str(files / "style.png"), "--out", out, "--quiet") == 0
+    assert (captured[1].tile, captured[1].final_iterations) == (0, 0)  # automatic; the same as --iters
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -138,6 +150,7 @@ def test_matcher_flags_reach_the_settings(files, fake_stylize):
         (["--style", "{style}", "--out", "o.png", "--iters", "0"], "iterations: expected a whole number >= 1"),
         (["--style", "{style}", "--out", "o.png", "--blend", "1", "2"], "blend: give 1 weight"),
         (["--style", "{style}", "--out", "o.png", "--device", "cuda:x"], "device: 'cuda:x' is not a device"),
+        (["--style", "{style}", "--out", "o.png", "--tile", "-1"], "tile: expected a whole number >= 0, got -1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(files, capsys, monkeypatch, args, message):

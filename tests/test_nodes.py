@@ -374,8 +374,9 @@ def test_optimize_new_inputs_default_to_the_library_defaults():
     optional = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["optional"]
     defaults = Settings()
     assert optional["optimizer"][0] == list(OPTIMIZERS) and optional["matcher"][0] == list(MATCHER_NAMES)
-    for name in ("color", "optimizer", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
+    for name in ("color", "optimizer", "tv_weight", "matcher", "rematch_every", "mixed_precision", "tile"):
         assert optional[name][1]["default"] == getattr(defaults, name), name
+    assert optional["final_iterations"][1]["default"] == defaults.final_iterations
     required = NODES["FusionStyleFusedOptimize"].INPUT_TYPES()["required"]
     assert required["init"][0] == list(INITS) and required["init"][1]["default"] == defaults.init
     assert optional["preset"][0] == list(PRESETS) and optional["preset"][1]["default"] == "default"
@@ -402,16 +403,29 @@ def test_optimize_optimiser_inputs_reach_fusion_core(fake_stylize, node_vgg, con
         tv_weight=5.0,
         matcher="exact",
         rematch_every=4,
+        tile=768,
+        final_iterations=9,
     )
     assert (settings.optimizer, settings.learning_rate, settings.tv_weight) == ("adam", 0.05, 5.0)
     assert (settings.matcher, settings.rematch_every) == ("exact", 4)
+    assert (settings.tile, settings.final_iterations) == (768, 9)
     settings = capture_settings(
         *given, optimizer="lbfgs", learning_rate_mode="auto", learning_rate=0.5, tv_weight=0.0, mixed_precision=False
     )
     assert settings.learning_rate is None  # auto: the optimiser's own step size, whatever the value below says
     assert settings.mixed_precision is False
     defaults, omitted = Settings(), capture_settings(*given)  # an old workflow without the new inputs
-    for name in ("color", "optimizer", "learning_rate", "tv_weight", "matcher", "rematch_every", "mixed_precision"):
+    for name in (
+        "color",
+        "optimizer",
+        "learning_rate",
+        "tv_weight",
+        "matcher",
+        "rematch_every",
+        "mixed_precision",
+        "tile",
+        "final_iterations",
+    ):
         assert getattr(omitted, name) == getattr(defaults, name), name
     assert (omitted.local_all_levels, omitted.global_layers) == (False, None)  # no preset input: the default one
 

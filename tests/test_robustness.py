@@ -10,7 +10,7 @@ from helpers import tiny_vgg
 
 from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings
 from fusion_core.images import resize_mask
-from fusion_core.memory import check_memory, estimate_bytes
+from fusion_core.memory import MIN_TILE, check_memory, estimate_bytes, tiled_bytes
 from fusion_core.stylize import stylize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,16 +25,19 @@ def test_memory_estimate_grows_with_the_area(style):
     assert estimate_bytes(vgg, (1024, 1024), styles, Settings(optimizer="adam")) < large
 
 
-def test_a_run_that_cannot_fit_is_refused_with_the_estimate_and_a_size_that_fits(vgg, style):
+def test_a_run_that_cannot_fit_even_in_tiles_is_refused_with_the_estimate_and_a_size_that_fits(vgg, style):
     styles = [GlobalStyle(style), LocalStyle(style)]
     settings = Settings(size=4096)
-    needed = estimate_bytes(vgg, (4096, 4096), styles, settings)
+    needed = tiled_bytes(vgg, (4096, 4096), styles, settings, MIN_TILE, 1)
     with pytest.raises(
         FusionError,
-        match=r"size: an output of 4096x4096 px needs about .* GiB, but only .* GiB is free.*about \d+ px would fit",
+        match=r"size: an output of 4096x4096 px needs about .* GiB even in tiles of \d+ px, but only .* GiB is free"
+        r".*about \d+ px would fit",
     ):
         check_memory(vgg, (4096, 4096), styles, settings, available=needed // 2)
-    check_memory(vgg, (4096, 4096), styles, settings, available=needed * 2)  # fits: no error
+    whole = estimate_bytes(vgg, (4096, 4096), styles, settings)
+    assert check_memory(vgg, (4096, 4096), styles, settings, available=whole * 2).tile == 0  # fits whole
+    assert check_memory(vgg, (4096, 4096), styles, settings, available=whole // 2).tile > 0  # fits in tiles
 
 
 def test_huge_request_is_refused_before_any_work(vgg, content, style, monkeypatch):

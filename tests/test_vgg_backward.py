@@ -118,3 +118,16 @@ def test_no_autograd_no_saving():
         out = vgg(image.requires_grad_(True), ["relu3_1"])
     assert out["relu3_1"].grad_fn is None
     torch.testing.assert_close(out["relu3_1"], plain_forward(vgg, image.detach(), ["relu3_1"])["relu3_1"])
+
+
+def test_max_pool_sends_the_gradient_where_torch_does_ties_included():
+    """Of equal inputs in a window, torch's max pooling takes the first in scan order; so does the lean one."""
+    x = torch.randint(0, 3, (1, 3, 9, 11), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(1))
+    ours = x.clone().requires_grad_(True)
+    lean_backward.max_pool(ours).backward(grad)
+    reference = x.clone().requires_grad_(True)
+    F.max_pool2d(reference, 2).backward(grad)
+    torch.testing.assert_close(lean_backward.max_pool(x), F.max_pool2d(x, 2))
+    assert torch.equal(ours.grad, reference.grad)

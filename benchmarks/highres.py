@@ -1,0 +1,176 @@
+"""Peak memory and seconds per iteration at print sizes, tiled (tiling.py) and whole where it fits.
+
+Each case runs in its own process (so its peak resident memory is its own): one pyramid level at ``size`` px,
+content (grace_hopper.jpg) and style (starry_night.jpg) both enlarged to that size, the default settings otherwise
+(fast matcher, L-BFGS; 100 iterations asked, so the L-BFGS history is allocated in full), stopped after
+``--iterations`` iterations. The fast search runs a full search (quadratic in the size, the same tiled or not)
+at every third match and a propagation between; the matches are seeded as a full search leaves them, so the
+first two iterations are propagations and the third a full search. Reported per case: the plan (tiles, L-BFGS
+history), the level's set-up (style and content through the network, the search's projection), ``iteration_s``
+(the mean of the two propagation iterations: the network, the losses, the optimiser step) and its microseconds
+per canvas pixel, with three iterations ``full_search_s`` (the third's extra) and ``schedule_s`` (the mean of all
+three: what an iteration costs on average), and the process's peak resident memory (torch itself included).
+
+    PYTHONPATH=. python benchmarks/highres.py                     # the table in BENCHMARKS.md
+    PYTHONPATH=. python benchmarks/highres.py --cases 2048:tile=1280:history=5 2048:whole
+
+A case is SIZE:whole (evaluated whole), SIZE:tile=PX (tiles of at most PX px) or SIZE:auto (what
+``memory.plan_level`` picks for ``--memory-gb`` of memory), each with an optional :history=N (default 20).
+4096 px cases run two iterations (a full search there takes about 16x the 2048 px one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_WEIGHTS = ROOT.parent / "shared" / "models" / "vgg16_hed_caffe_fp16.safetensors"
+CONTENT = ROOT / "example_images" / "grace_hopper.jpg"
+STYLE = ROOT / "example_images" / "starry_night.jpg"
+DEFAULT_CASES = [
+    "1024:whole:history=5",
+    "2048:tile=1280:history=5",
+    "2048:whole:history=5",
+    "4096:tile=1024:history=3",
+    "1024:tile=704:history=5",
+]
+
+
+def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) -> dict:
+    """One case, in this process."""
+    import torch
+
+    from fusion_core import Cancelled, GlobalStyle, LocalStyle, Settings, load_image, load_vgg
+    from fusion_core import memory as memory_module
+    from fusion_core.images import resize
+    from fusion_core.losses import PatchLoss
+    from fusion_core.matching import MATCHERS
+    from fusion_core.stylize import stylize
+
+    size_text, mode, *options = case.split(":")
+    size = int(size_text)
+    history = 20
+    for option in options:
+        name, value = option.split("=")
+        if name != "history":
+            raise SystemExit(f"unknown option {option!r} in case {case!r}")
+        history = int(value)
+    tile = 0
+    if mode.startswith("tile="):
+        tile = int(mode[5:])
+    elif mode == "whole":
+        memory_module.available_bytes = lambda device: 1 << 50  # never tiled
+    elif mode == "auto":
+        if memory_gb is not None:
+            memory_module.available_bytes = lambda device: int(memory_gb * 2**30)
+    else:
+        raise SystemExit(f"unknown mode {mode!r} in case {case!r}")
+    vgg = load_vgg(weights)
+    content, style = load_image(CONTENT), load_image(STYLE)
+    content = resize(content, _fit(content.shape[-2:], size))
+    style = resize(style, _fit(style.shape[-2:], size))
+    settings = Settings(size=size, levels=1, iterations=100, tile=tile, history_size=history)
+    marks: list[float] = []
+    plan: dict = {}
+
+    def on_level(level, criterion, canvas) -> None:
+        # The fast search runs a full search (quadratic in the size, the same tiled or not) at every third match
+        # and a propagation between. Seed the matches as a full search leaves them, so the timed iterations are
+        # propagations; the full search is timed on its own below. A real nearest-patch field is coherent (its
+        # neighbours match neighbours), which the propagation's memory reads depend on: the seed maps each patch
+        # to the style patch at the same relative place, and the candidate pool to its neighbours.
+        for _, _, module in criterion.terms:
+            if isinstance(module, PatchLoss):
+                search = MATCHERS[module.matcher](module.style, module.patch_size, module.stride, module.style_eligible)
+                s_rows, s_cols = search.grid
+                q_rows, q_cols = canvas.shape[-2] // 4 - 2, canvas.shape[-1] // 4 - 2
+                rows = torch.arange(q_rows)[:, None] * s_rows // q_rows
+                cols = torch.arange(q_cols)[None, :] * s_cols // q_cols
+                module.indices = (rows * s_cols + cols).flatten()
+                pool = [
+                    (rows + dy).clamp(0, s_rows - 1) * s_cols + (cols + dx).clamp(0, s_cols - 1)
+                    for dy in (-2, 2)
+                    for dx in (-2, 0, 2)
+                    if (dy, dx) != (0, 0)
+                ]
+                pool += [(rows * s_cols + (cols + dx).clamp(0, s_cols - 1)) for dx in (-2, 2)]
+                search.pool = torch.stack([p.flatten() for p in pool], 1)
+                module._search, search.matches = search, 1
+                plan["search"], plan["canvas"] = search, tuple(canvas.shape[-2:])
+        marks.append(time.perf_counter())
+
+    def on_progress(p) -> None:
+        marks.append(time.perf_counter())
+        plan.update(tiles=p.tiles, history=p.history)
+
+    start = time.perf_counter()
+    with contextlib.suppress(Cancelled):  # after ``iterations`` iterations
+        stylize(
+            vgg,
+            content,
+            [GlobalStyle(style), LocalStyle(style)],
+            settings,
+            on_progress=on_progress,
+            on_level=on_level,
+            should_stop=lambda: len(marks) > iterations,
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    propagation = sum(steps[:2]) / len(steps[:2])  # the seeded search's first two matches are propagations
+    canvas = plan["canvas"]
+    result = {
+        "case": case,
+        "canvas": f"{canvas[1]}x{canvas[0]}",
+        "tiles": plan["tiles"],
+        "history": plan["history"],
+        "setup_s": round(marks[0] - start, 1),
+        "iteration_s": round(propagation, 2),
+        "us_per_px": round(propagation / (canvas[0] * canvas[1]) * 1e6, 2),
+        "peak_mb": round(peak),
+    }
+    if len(steps) >= 3:  # the third match is a full search: the schedule's average, and the search's own cost
+        result["full_search_s"] = round(steps[2] - propagation, 1)
+        result["schedule_s"] = round(sum(steps[:3]) / 3, 2)
+    return result
+
+
+def _fit(shape, longest: int) -> tuple[int, int]:
+    h, w = int(shape[0]), int(shape[1])
+    scale = longest / max(h, w)
+    return round(h * scale), round(w * scale)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
+    parser.add_argument("--weights", default=str(SHARED_WEIGHTS))
+    parser.add_argument("--iterations", type=int, default=3, help="iterations timed per case (2 at 4096 px)")
+    parser.add_argument("--memory-gb", type=float, default=None, help="memory the auto cases plan for")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.one, args.weights, args.iterations, args.memory_gb)), flush=True)
+        return
+    for case in args.cases:
+        command = [sys.executable, __file__, "--one", case, "--weights", args.weights]
+        command += ["--iterations", str(min(2, args.iterations) if case.startswith("4096") else args.iterations)]
+        if args.memory_gb is not None:
+            command += ["--memory-gb", str(args.memory_gb)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(json.dumps({"case": case, "error": done.stderr.strip().splitlines()[-1:]}), flush=True)
+            continue
+        print(done.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

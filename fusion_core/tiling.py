@@ -1,0 +1,369 @@
+"""The loss and its image gradient evaluated tile by tile, exactly, for images too large to evaluate whole.
+
+Every term of the loss is a sum over feature positions once a few whole-image quantities are known: the Gram
+loss's Gram matrices and the patch loss's matches. So an evaluation makes two passes over the tiles:
+
+1. without autograd: each tile adds its positions' part to the Gram matrices and matches its patches;
+2. with autograd, tile by tile: each term restricted to the positions the tile owns (the Gram term as
+   <dL/dG, the tile's part of G>, dL/dG taken at the whole image's G), backward into the tile's crop, and the
+   crop's gradient added to the image's.
+
+Each tile owns a block of the canvas; its crop reaches beyond the block by the receptive field of the deepest
+layer in use (its halo) and starts on a multiple of that layer's stride, so the activations at the positions it
+owns are the whole image's and the tiled gradient equals the untiled one up to float rounding. The second pass
+holds one tile's activations at a time; only the image-sized vectors, the targets at the loss layers and the Gram
+matrices stay whole. Style and content images are run through the network in tiles too (``tiled_maps``).
+
+The price of exactness: dL/dG depends on every tile, so no tile's backward pass can start before every tile has
+been through the network once. An evaluation runs the network forward twice (the first pass's last tile is
+recorded with autograd and not run again), plus the halos: ~1.5x an untiled iteration's time per pixel on our
+CPU (BENCHMARKS.md). A cheaper scheme (Gram matrices from the previous evaluation, or naive tiles) would change
+the loss, the result and, with naive tiles, leave seams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .errors import FusionError
+from .functional import gram_part
+from .geometry import feature_shape
+from .losses import ContentLoss, GramLoss, PatchLoss
+from .precision import autocast, float32_region, memory_format
+from .vgg import VGGFeatures
+
+if TYPE_CHECKING:
+    from .criterion import Criterion
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What position p of a layer is computed from: input pixels p * stride - before .. p * stride + after."""
+
+    stride: int
+    before: int
+    after: int
+
+
+def layer_reach(names: list[str], layer: str) -> Reach:
+    """The receptive field of ``layer`` in the network whose layers are ``names`` (3x3 convs, 2x2 pools)."""
+    before = after = 0
+    stride = 1
+    for name in names[: names.index(layer) + 1]:
+        if name.startswith("conv"):
+            before, after = before + stride, after + stride
+        elif name.startswith("pool"):
+            after, stride = after + stride, stride * 2
+    return Reach(stride, before, after)
+
+
+def patch_reach(size: int, stride: int) -> tuple[int, int]:
+    """The positions (before, after) around a tile's own that its patches need: those starting at its positions
+    reach ``size - 1`` further, and the fast search's propagation looks at the ring of patches around them."""
+    return stride, stride + size - 1
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A block of the canvas (``block``: rows, cols in px) and the crop the network sees for it."""
+
+    block: tuple[range, range]
+    crop: tuple[slice, slice]
+
+
+class TilePlan:
+    """The tiles of a canvas of ``shape`` whose crops are at most ``tile`` px on a side.
+
+    ``extra`` gives, per layer in use, the positions (before, after) around the owned ones that must be exact too
+    (a patch starting at an owned position reaches ``patch_size - 1`` further; the fast search's propagation
+    looks one patch around). Block edges are multiples of the deepest layer's stride, so every layer's positions
+    split between the tiles without overlap."""
+
+    def __init__(self, names: list[str], shape: tuple[int, int], extra: dict[str, tuple[int, int]], tile: int) -> None:
+        reaches = {layer: layer_reach(names, layer) for layer in extra}
+        self.shape, self.names = shape, names
+        self.align = max(reach.stride for reach in reaches.values())
+        before = max(r.before + extra[layer][0] * r.stride for layer, r in reaches.items())
+        self.before = -(-before // self.align) * self.align  # crops start on a multiple of the stride
+        self.after = max(r.after + (extra[layer][1] - 1) * r.stride + 1 for layer, r in reaches.items())
+        self.strides = {layer: reach.stride for layer, reach in reaches.items()}
+        axes = [self._split(length, tile) for length in shape]
+        self.tiles = [
+            Tile((rows, cols), (self._crop(rows, shape[0]), self._crop(cols, shape[1])))
+            for rows in axes[0]
+            for cols in axes[1]
+        ]
+
+    def _crop(self, block: range, length: int) -> slice:
+        return slice(max(0, block.start - self.before), min(length, block.stop + self.after))
+
+    def _split(self, length: int, tile: int) -> list[range]:
+        """The fewest blocks of ``length`` px whose crops are at most ``tile`` px."""
+        for count in range(1, length // self.align + 2):
+            cuts = sorted({0, length, *(round(k * length / count / self.align) * self.align for k in range(1, count))})
+            blocks = [range(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+            crops = [self._crop(block, length) for block in blocks]
+            if max(crop.stop - crop.start for crop in crops) <= tile:
+                return blocks
+        smallest = self.align + self.before + self.after
+        raise FusionError(
+            f"tile: {tile} px is too small for the layers in use; give at least {smallest} px (their receptive "
+            "field around one block), or 0 for automatic"
+        )
+
+    def owned(self, tile: Tile, layer: str) -> tuple[range, range]:
+        """The positions of ``layer`` (rows, cols, whole-map coordinates) that ``tile`` owns."""
+        stride, sizes = self.strides[layer], feature_shape(self.shape, layer)
+        return tuple(
+            range(block.start // stride, size if block.stop == length else block.stop // stride)
+            for block, size, length in zip(tile.block, sizes, self.shape, strict=True)
+        )
+
+    def origin(self, tile: Tile, layer: str) -> tuple[int, int]:
+        """The whole-map position of the first position of ``layer`` in ``tile``'s crop."""
+        stride = self.strides[layer]
+        return tile.crop[0].start // stride, tile.crop[1].start // stride
+
+    def local(self, tile: Tile, layer: str) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """(the owned positions of ``layer`` in the crop's activation, the same in whole-map coordinates)."""
+        owned, origin = self.owned(tile, layer), self.origin(tile, layer)
+        local = tuple(slice(r.start - o, r.stop - o) for r, o in zip(owned, origin, strict=True))
+        return local, tuple(slice(r.start, r.stop) for r in owned)
+
+
+def tiled_maps(
+    vgg: VGGFeatures,
+    image: Tensor,
+    tile: int,
+    layers: Iterable[str] = (),
+    grams: dict[str, Tensor | None] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The activations of ``layers`` for ``image``, and the Gram matrices (``functional.gram_matrix``) of the
+    layers in ``grams`` (each with its mask at the layer's size, or None), computed tile by tile: no activation of
+    the whole image is held but those asked for."""
+    layers, grams = list(layers), grams or {}
+    shape = tuple(image.shape[-2:])
+    plan = TilePlan(vgg.names, shape, dict.fromkeys([*layers, *grams], (0, 0)), tile)
+    maps: dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}
+    scales = {
+        layer: 1.0 / math.prod(feature_shape(shape, layer))
+        if mask is None
+        else 1.0 / mask.square().sum().clamp_min(1e-8)
+        for layer, mask in grams.items()
+    }
+    with torch.no_grad():
+        for tile in plan.tiles:
+            crop = image[..., tile.crop[0], tile.crop[1]]
+
+            def collect(name: str, activation: Tensor, tile: Tile = tile) -> None:
+                local, window = plan.local(tile, name)
+                part = activation[..., local[0], local[1]]
+                if name in layers:
+                    if name not in maps:
+                        size = (1, part.shape[1], *feature_shape(shape, name))
+                        maps[name] = torch.empty(
+                            size, dtype=part.dtype, device=part.device, memory_format=memory_format(part.device)
+                        )
+                    maps[name][..., window[0], window[1]] = part
+                if name in grams:
+                    mask = grams[name]
+                    square = None if mask is None else mask.square()[window][None, None]
+                    gram = gram_part(part.float(), square, scales[name])
+                    sums[name] = gram if name not in sums else sums[name] + gram
+
+            vgg(crop, [*layers, *grams], on_layer=collect)
+    return maps, sums
+
+
+@dataclass
+class _Recorded:
+    """The last tile of the first pass, recorded with autograd so the second pass need not run it again."""
+
+    tile: Tile
+    crop: Tensor
+    features: dict[str, Tensor]
+
+
+class TiledCriterion:
+    """A ``Criterion`` evaluated tile by tile (the module docstring says how); ``evaluate`` as the criterion's.
+
+    The first pass records its last tile with autograd and the second pass starts with it: one tile's forward
+    pass fewer per evaluation, at no extra memory (that tile's record is the second pass's first tile)."""
+
+    def __init__(self, criterion: Criterion, canvas: tuple[int, int], tile: int) -> None:
+        self.criterion, self.canvas = criterion, canvas
+        self.vgg, self.gradient_scale = criterion.vgg, criterion.gradient_scale
+        extra = dict.fromkeys(criterion.layers, (0, 0))
+        for _, _, module in criterion.terms:
+            if isinstance(module, PatchLoss):
+                extra[module.layer] = patch_reach(module.patch_size, module.stride)
+        self.plan = TilePlan(self.vgg.names, canvas, extra, tile)
+        self.grams = [module for _, _, module in criterion.terms if isinstance(module, GramLoss)]
+        self.patches = [module for _, _, module in criterion.terms if isinstance(module, PatchLoss)]
+
+    @property
+    def tiles(self) -> int:
+        return len(self.plan.tiles)
+
+    def evaluate(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
+        """The weighted terms by kind and their "total" (detached), with ``image.grad`` set to the total's gradient."""
+        criterion, scale = self.criterion, self.gradient_scale
+        rematch = rematch or any(module.indices is None for module in self.patches)
+        image.grad = None  # the last evaluation's: an image-sized vector
+        gram_values, slopes, recorded = self._first_pass(image.detach(), rematch)
+        values: dict[str, Tensor] = {}
+        for name in self.vgg.names:  # the untiled criterion's order of terms
+            for kind, weight, module in criterion.due.get(name, ()):
+                value = weight * gram_values[id(module)] if isinstance(module, GramLoss) else image.new_zeros(())
+                values[kind] = values.get(kind, 0.0) + value
+        grad = torch.zeros_like(image)
+        largest = None
+        tiles = self.plan.tiles if recorded is None else [recorded.tile, *self.plan.tiles[:-1]]
+        for tile in tiles:
+            if recorded is not None and tile is recorded.tile:
+                crop, features = recorded.crop, recorded.features
+                pulls = [pull for name in features for pull in self._pulls(tile, name, features, slopes, values)]
+                recorded = None
+            else:
+                crop = image.detach()[..., tile.crop[0], tile.crop[1]].requires_grad_(True)
+                features, pulls = {}, []
+
+                def evaluate(name: str, activation: Tensor, tile: Tile = tile, features=features, pulls=pulls) -> None:
+                    features[name] = self._window(tile, name, scale.for_losses(activation))
+                    pulls.extend(self._pulls(tile, name, features, slopes, values))
+
+                with autocast(self.vgg.device, criterion.half_dtype):
+                    self.vgg(scale.unscale_at(crop), criterion.layers, on_layer=evaluate)
+            if pulls:
+                sum(pulls).backward()
+                grad[..., tile.crop[0], tile.crop[1]] += crop.grad
+            del features, pulls
+            if scale.largest is not None:
+                largest = scale.largest if largest is None else torch.maximum(largest, scale.largest)
+        scale.largest = largest
+        if criterion.tv_weight > 0:
+            values["tv"] = criterion.tv_weight * _total_variation_in_bands(image.detach(), grad, criterion.tv_weight)
+        image.grad = grad
+        values["total"] = sum(values.values())
+        return values
+
+    def _window(self, tile: Tile, layer: str, activation: Tensor) -> Tensor:
+        """The positions of ``layer`` that ``tile`` owns, from its crop's activation."""
+        local, _ = self.plan.local(tile, layer)
+        return activation[..., local[0], local[1]]
+
+    def _pulls(
+        self,
+        tile: Tile,
+        name: str,
+        features: dict[str, Tensor],
+        slopes: dict[int, dict[str, Tensor]],
+        values: dict[str, Tensor],
+    ) -> list[Tensor]:
+        """The weighted terms due at layer ``name`` restricted to ``tile``'s positions, to differentiate; the
+        content and patch terms' shares are added to ``values`` (the Gram terms' values come from the first
+        pass). A Gram term is <dL/dG, the tile's part of G>, whose gradient is the Gram loss's on these positions."""
+        pulls = []
+        for kind, weight, module in self.criterion.due.get(name, ()):
+            with float32_region(self.vgg.device):
+                if isinstance(module, GramLoss):
+                    pull = sum(
+                        (slopes[id(module)][layer] * self._gram_part(module, layer, features[layer], tile)).sum()
+                        for layer in module.layers
+                    )
+                else:
+                    window = self.plan.local(tile, name)[1]
+                    if isinstance(module, ContentLoss):
+                        pull = module.part(features[name], window)
+                    else:
+                        pull = module.part(features[name], window, feature_shape(self.canvas, name))
+                    values[kind] = values[kind] + weight * pull.detach()
+            pulls.append(weight * pull)
+        return pulls
+
+    def _gram_part(self, module: GramLoss, layer: str, features: Tensor, tile: Tile) -> Tensor:
+        return module.part(layer, features, self.plan.local(tile, layer)[1], feature_shape(self.canvas, layer))
+
+    def _first_pass(
+        self, image: Tensor, rematch: bool
+    ) -> tuple[dict[int, Tensor], dict[int, dict[str, Tensor]], _Recorded | None]:
+        """The whole image's Gram matrices, tile by tile, and (``rematch``) the patches' matches. Returns each Gram
+        loss's value and its gradient with respect to each of its Gram matrices, and the recorded last tile."""
+        criterion, plan, scale = self.criterion, self.plan, self.gradient_scale
+        device = self.vgg.device
+        layers = {layer for module in self.grams for layer in module.layers}
+        if rematch:
+            layers |= {module.layer for module in self.patches}
+            for module in self.patches:
+                module.start_tiled_match(feature_shape(self.canvas, module.layer))
+        sums: dict[tuple[int, str], Tensor] = {}
+        recorded = None
+        if layers:
+            for i, tile in enumerate(plan.tiles):
+                record = i == len(plan.tiles) - 1
+                crop = image[..., tile.crop[0], tile.crop[1]]
+                features: dict[str, Tensor] = {}
+
+                def collect(name: str, activation: Tensor, tile: Tile = tile, features=features, record=record) -> None:
+                    if record:
+                        features[name] = self._window(tile, name, scale.for_losses(activation))
+                    if name not in layers:
+                        return
+                    with torch.no_grad(), float32_region(device):
+                        for module in self.grams:
+                            if name in module.layers:
+                                part = self._gram_part(module, name, self._window(tile, name, activation).float(), tile)
+                                key = (id(module), name)
+                                sums[key] = part if key not in sums else sums[key] + part
+                    if rematch:
+                        for module in self.patches:
+                            if module.layer == name:
+                                module.match_part(activation.detach(), plan.origin(tile, name), plan.owned(tile, name))
+
+                with torch.set_grad_enabled(record), autocast(device, criterion.half_dtype):
+                    if record:
+                        crop = crop.requires_grad_(True)
+                        self.vgg(scale.unscale_at(crop), criterion.layers, on_layer=collect)
+                        recorded = _Recorded(tile, crop, features)
+                    else:
+                        self.vgg(crop, sorted(layers), on_layer=collect)
+        if rematch:
+            for module in self.patches:
+                module.finish_tiled_match()
+        values, slopes = {}, {}
+        with torch.enable_grad(), float32_region(device):
+            for module in self.grams:
+                grams = {layer: sums[(id(module), layer)].detach().requires_grad_(True) for layer in module.layers}
+                value = module.loss_of(grams)
+                found = torch.autograd.grad(value, list(grams.values()))
+                values[id(module)] = value.detach()
+                slopes[id(module)] = dict(zip(grams, found, strict=True))
+        return values, slopes, recorded
+
+
+TV_BAND = 256  # rows of the image per band of the total-variation term
+
+
+def _total_variation_in_bands(image: Tensor, grad: Tensor, weight: float) -> Tensor:
+    """``functional.total_variation_loss(image)``, its gradient times ``weight`` added to ``grad``, in bands of
+    rows: its autograd of the whole image would hold several image-sized temporaries."""
+    _, channels, height, width = image.shape
+    vertical, horizontal = channels * (height - 1) * width, channels * height * (width - 1)
+    total = image.new_zeros(())
+    for top in range(0, height, TV_BAND):
+        bottom = min(height, top + TV_BAND)
+        band = image[..., top : min(height, bottom + 1), :].detach().requires_grad_(True)  # and the next row
+        dy = band[..., 1:, :] - band[..., :-1, :]  # the differences from the band's rows to the rows below them
+        dx = band[..., : bottom - top, 1:] - band[..., : bottom - top, :-1]
+        value = dy.square().sum() / max(vertical, 1) + dx.square().sum() / max(horizontal, 1)
+        (weight * value).backward()
+        grad[..., top : band.shape[-2] + top, :] += band.grad
+        total = total + value.detach()
+    return total
