@@ -121,12 +121,16 @@ class PatchLoss(nn.Module):
         self._search = None
         self._tiled: _PartialMatch | None = None
 
+    def _searcher(self):
+        """The matcher for this style map, built at the first match and kept for the level."""
+        if self._search is None:
+            self._search = MATCHERS[self.matcher](self.style, self.patch_size, self.stride, self.style_eligible)
+        return self._search
+
     @torch.no_grad()
     def match(self, features: dict[str, Tensor]) -> None:
         current = features[self.layer].detach()
-        if self._search is None:
-            self._search = MATCHERS[self.matcher](self.style, self.patch_size, self.stride, self.style_eligible)
-        self.indices = self._search(current, self.indices)  # the fast search keeps the last match a candidate
+        self.indices = self._searcher()(current, self.indices)  # the fast search keeps the last match a candidate
         self._targets = Fn.mrf_targets(
             self.style,
             self.indices,
@@ -143,8 +147,7 @@ class PatchLoss(nn.Module):
     @torch.no_grad()
     def start_tiled_match(self, shape: tuple[int, int]) -> None:
         """Begin a match of a map of ``shape`` in parts (``match_part``), ended by ``finish_tiled_match``."""
-        if self._search is None:
-            self._search = MATCHERS[self.matcher](self.style, self.patch_size, self.stride, self.style_eligible)
+        self._searcher()
         rows, cols = Fn.patch_grid(*shape, self.patch_size, self.stride)
         previous = self.indices if self.indices is not None and self.indices.numel() == rows * cols else None
         full = getattr(self._search, "full_due", lambda previous: True)(previous)

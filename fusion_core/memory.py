@@ -220,8 +220,9 @@ def plan_level(
         history = history_for(size)
         if history >= min(MIN_HISTORY, wanted):
             return LevelPlan(size, history)
-    if sizes and history_for(sizes[-1]) >= min(1, wanted):
-        return LevelPlan(sizes[-1], history_for(sizes[-1]))
+    smallest = history_for(sizes[-1]) if sizes else -1
+    if smallest >= min(1, wanted):
+        return LevelPlan(sizes[-1], smallest)
     _refuse(vgg, shape, styles, settings, available, sizes[-1] if sizes else MIN_TILE)
     raise AssertionError  # _refuse raises
 
