@@ -5,17 +5,19 @@ content (grace_hopper.jpg) and style (starry_night.jpg) both enlarged to that si
 (fast matcher, L-BFGS; 100 iterations asked, so the L-BFGS history is allocated in full), stopped after
 ``--iterations`` iterations. The fast search runs a full search (quadratic in the size, the same tiled or not)
 at every third match and a propagation between; the matches are seeded as a full search leaves them, so the
-first two iterations are propagations and the third a full search. Reported per case: the plan (tiles, L-BFGS
+first two iterations are propagations and the third a full search. Reported per case: the plan (tiles, split, L-BFGS
 history), the level's set-up (style and content through the network, the search's projection), ``iteration_s``
 (the mean of the two propagation iterations: the network, the losses, the optimiser step) and its microseconds
 per canvas pixel, with three iterations ``full_search_s`` (the third's extra) and ``schedule_s`` (the mean of all
 three: what an iteration costs on average), and the process's peak resident memory (torch itself included).
 
     PYTHONPATH=. python benchmarks/highres.py                     # the table in BENCHMARKS.md
-    PYTHONPATH=. python benchmarks/highres.py --cases 2048:tile=1280:history=5 2048:whole
+    PYTHONPATH=. python benchmarks/highres.py --cases 2048:auto=3:history=5 2048:whole
 
-A case is SIZE:whole (evaluated whole), SIZE:tile=PX (tiles of at most PX px) or SIZE:auto (what
-``memory.plan_level`` picks for ``--memory-gb`` of memory), each with an optional :history=N (default 20).
+A case is SIZE:whole (evaluated whole), SIZE:tile=PX (tiles of at most PX px) or SIZE:auto=GB (what
+``memory.plan_level`` picks for GB of memory; SIZE:auto: ``--memory-gb``), each with an optional :history=N
+(default 20) and :split=LAYER (the deep layers whole after that pooling layer; none: every layer in tiles;
+default: the plan's choice).
 4096 px cases run two iterations (a full search there takes about 16x the 2048 px one).
 """
 
@@ -38,10 +40,10 @@ CONTENT = ROOT / "example_images" / "grace_hopper.jpg"
 STYLE = ROOT / "example_images" / "starry_night.jpg"
 DEFAULT_CASES = [
     "1024:whole:history=5",
-    "2048:tile=1280:history=5",
+    "2048:auto=3:history=5",
     "2048:whole:history=5",
-    "4096:tile=1024:history=3",
-    "1024:tile=704:history=5",
+    "2048:tile=1280:split=none:history=5",
+    "4096:auto=6:history=3",
 ]
 
 
@@ -58,22 +60,33 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) 
 
     size_text, mode, *options = case.split(":")
     size = int(size_text)
-    history = 20
+    history, split = 20, None
     for option in options:
         name, value = option.split("=")
-        if name != "history":
+        if name == "history":
+            history = int(value)
+        elif name == "split":
+            split = value
+        else:
             raise SystemExit(f"unknown option {option!r} in case {case!r}")
-        history = int(value)
+    if split is not None:  # this split (a pooling layer) or none: every layer in tiles
+        memory_module.split_candidates = lambda vgg, layers: [] if split == "none" else [split]
     tile = 0
     if mode.startswith("tile="):
         tile = int(mode[5:])
     elif mode == "whole":
         memory_module.available_bytes = lambda device: 1 << 50  # never tiled
-    elif mode == "auto":
+    elif mode == "auto" or mode.startswith("auto="):
+        memory_gb = float(mode[5:]) if mode.startswith("auto=") else memory_gb
         if memory_gb is not None:
             memory_module.available_bytes = lambda device: int(memory_gb * 2**30)
     else:
         raise SystemExit(f"unknown mode {mode!r} in case {case!r}")
+    import fusion_core.stylize as stylize_module
+
+    planned = []
+    plan_level = stylize_module.plan_level
+    stylize_module.plan_level = lambda *args, **kwargs: planned.append(plan_level(*args, **kwargs)) or planned[-1]
     vgg = load_vgg(weights)
     content, style = load_image(CONTENT), load_image(STYLE)
     content = resize(content, _fit(content.shape[-2:], size))
@@ -132,6 +145,7 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) 
         "canvas": f"{canvas[1]}x{canvas[0]}",
         "tiles": plan["tiles"],
         "history": plan["history"],
+        "split": planned[-1].split,
         "setup_s": round(marks[0] - start, 1),
         "iteration_s": round(propagation, 2),
         "us_per_px": round(propagation / (canvas[0] * canvas[1]) * 1e6, 2),

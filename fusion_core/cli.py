@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_DEFAULTS.tile,
         metavar="PX",
-        help="evaluate each level in tiles of at most PX px (the same result, in less memory; README 'Large prints'). "
+        help="evaluate each level in tiles of at most PX px, the deep layers whole where they fit (the same result, "
+        "in less memory; README 'Large prints'). "
         "0 (default): tiles only where a level would not fit in the memory available",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps")
@@ -160,7 +161,10 @@ def _progress_printer(quiet: bool):
         if quiet or not (p.iteration == 1 or p.iteration % 10 == 0 or p.iteration == p.iterations):
             return
         terms = "  ".join(f"{name} {value:.4g}" for name, value in p.losses.items())
-        plan = f"  {p.tiles} tiles, L-BFGS history {p.history}" if p.tiles > 1 and p.iteration == 1 else ""
+        plan = ""
+        if p.tiles > 1 and p.iteration == 1:
+            whole = f" (layers after {p.split} whole)" if p.split else ""
+            plan = f"  {p.tiles} tiles{whole}, L-BFGS history {p.history}"
         print(
             f"level {p.level}/{p.levels}  iter {p.iteration:>4}/{p.iterations}  [{p.step}/{p.steps}]  "
             f"{terms}  {time.monotonic() - start:.0f}s{plan}",

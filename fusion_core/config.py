@@ -102,8 +102,8 @@ class Settings:
     # AVX512-BF16 / AMX; losses, Grams, image and L-BFGS state stay float32 (precision.py)
     mixed_precision: bool = True
     preview_every: int = 0  # attach the current image to every n-th progress report (0: never)
-    # Evaluate each level in tiles of at most this many px (exact, tiling.py); 0: only a level that would not fit in
-    # the memory available, in tiles as large as fit (memory.plan_level)
+    # Evaluate each level in tiles of at most this many px, the deep layers whole where they fit (exact, tiling.py);
+    # 0: only a level that would not fit in the memory available, as memory.plan_level chooses
     tile: int = 0
 
     def level_iterations(self, level: int) -> int:
@@ -204,3 +204,4 @@ class Progress:
     image: Tensor | None = None  # (1, 3, H, W) in 0..1 when a preview is due
     tiles: int = 1  # tiles the level is evaluated in (tiling.py); 1: whole
     history: int = 0  # the L-BFGS history kept at this level (0 with Adam)
+    split: str | None = None  # tiled: the layer after which the network runs on the whole map (tiling.py)

@@ -39,8 +39,10 @@ class Criterion:
         for term in terms:
             self.due.setdefault(max(term[2].layers, key=vgg.names.index), []).append(term)
 
-    def __call__(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
+    def __call__(self, image: Tensor, *, rematch: bool, after: str | None = None) -> dict[str, Tensor]:
         """The weighted terms by kind, and their "total"; ``rematch``: search the nearest style patches again.
+        ``after`` (a tiled evaluation's split, tiling.py): ``image`` is that layer's map, and only the terms on the
+        layers after it are evaluated (no total variation).
 
         Each term is evaluated as soon as the VGG pass has produced its layers. Autograd runs the most
         recently recorded operations first, so a term on a shallow layer then gets its gradient (as large
@@ -61,13 +63,22 @@ class Criterion:
                 with float32_region(device):
                     values[kind] = values.get(kind, 0.0) + weight * module(features)
 
+        layers = self.layers if after is None else self.layers_after(after)
         with autocast(device, self.half_dtype):  # the VGG pass and the patch search only
-            if self.layers:
-                self.vgg(scale.unscale_at(image), self.layers, on_layer=evaluate)
-        if self.tv_weight > 0:
+            if after is not None:
+                scale.largest = None  # the pass does not start at the image: its gradient stays scaled
+                self.vgg(image, layers, on_layer=evaluate, after=after)
+            elif layers:
+                self.vgg(scale.unscale_at(image), layers, on_layer=evaluate)
+        if self.tv_weight > 0 and after is None:
             values["tv"] = self.tv_weight * TVLoss()(image)
         values["total"] = sum(values.values())
         return values
+
+    def layers_after(self, layer: str) -> set[str]:
+        """The layers in use after ``layer``."""
+        depth = self.vgg.names.index(layer)
+        return {name for name in self.layers if self.vgg.names.index(name) > depth}
 
     def evaluate(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
         """The weighted terms by kind and their "total" (detached), with ``image.grad`` set to the total's gradient

@@ -31,15 +31,20 @@ from .vgg import VGGFeatures
 _FLOAT = 4
 
 
-def _activation_elements(vgg: VGGFeatures, shape: tuple[int, int], layers: set[str]) -> tuple[int, int, int, int]:
-    """For one pass to the deepest of ``layers``: elements the backward pass keeps whole, elements it keeps as
-    one-byte signs, elements of the returned layers, and the largest activation."""
+def _activation_elements(
+    vgg: VGGFeatures, shape: tuple[int, int], layers: set[str], after: str | None = None
+) -> tuple[int, int, int, int]:
+    """For one pass to the deepest of ``layers`` (from the layer after ``after``, on that layer's map of an image
+    of ``shape``): elements the backward pass keeps whole, elements it keeps as one-byte signs, elements of the
+    returned layers, and the largest activation."""
+    first = 0 if after is None else vgg.names.index(after) + 1
     names = vgg.names[: max(vgg.names.index(n) for n in layers) + 1]
-    h, w = shape
+    h, w = shape if after is None else feature_shape(shape, after)
+    channels = 3 if after is None else _channels(vgg, after)
     whole = signs = returned = 0
-    largest = 3 * h * w
-    conv = 0
-    for i, name in enumerate(names):
+    largest = channels * h * w
+    conv = sum(1 for name in names[:first] if name.startswith("conv"))
+    for i, name in enumerate(names[first:], start=first):
         if name.startswith("conv"):
             channels = vgg.convs[conv].out_channels
             conv += 1
@@ -57,11 +62,13 @@ def _activation_elements(vgg: VGGFeatures, shape: tuple[int, int], layers: set[s
     return whole, signs, returned, largest
 
 
-def kept_bytes(vgg: VGGFeatures, shape: tuple[int, int], layers: set[str], half: torch.dtype | None) -> int:
-    """Bytes the VGG pass to ``layers`` keeps for its backward pass at input ``shape``: whole activations at the
-    pass's precision (``half``, or float32 for None), one byte per other activation, and under mixed precision
-    the float32 copies of the returned layers that the losses use."""
-    whole, signs, returned, _ = _activation_elements(vgg, shape, layers)
+def kept_bytes(
+    vgg: VGGFeatures, shape: tuple[int, int], layers: set[str], half: torch.dtype | None, after: str | None = None
+) -> int:
+    """Bytes the VGG pass to ``layers`` (from after ``after``) keeps for its backward pass at input ``shape``: whole
+    activations at the pass's precision (``half``, or float32 for None), one byte per other activation, and under
+    mixed precision the float32 copies of the returned layers that the losses use."""
+    whole, signs, returned, _ = _activation_elements(vgg, shape, layers, after)
     if half is None:
         return whole * _FLOAT + signs
     return whole * (torch.finfo(half).bits // 8) + signs + returned * _FLOAT
@@ -119,24 +126,23 @@ def tiled_bytes(
     settings: Settings,
     tile: int,
     history: int,
+    split: str | None = None,
 ) -> int:
-    """Peak bytes for optimising an output of ``shape`` in tiles of ``tile`` px (tiling.py): the image-sized
-    vectors, the targets kept whole (the content's map, each patch loss's style map, its search's projection and
-    matches), and the largest tile's evaluation as ``estimate_bytes`` counts a whole image's."""
-    from .tiling import TilePlan, patch_reach  # tiling builds on the losses; the estimate needs only its plan
+    """Peak bytes for optimising an output of ``shape`` in tiles of ``tile`` px (tiling.py), the layers after
+    ``split`` whole: the image-sized vectors, the targets kept whole (the content's map, each patch loss's style
+    map, its search's projection and matches), and the larger of the largest tile's evaluation, as
+    ``estimate_bytes`` counts a whole image's, and the deep layers' pass on the whole ``split`` map."""
+    from .tiling import TilePlan, tile_layers  # tiling builds on the losses; the estimate needs only its plan
 
     layers = _layers(styles, settings)
     half = mixed_dtype(vgg.device, settings.mixed_precision)
     pass_bytes = _FLOAT if half is None else torch.finfo(half).bits // 8
-    extra = dict.fromkeys(layers, (0, 0))
-    for style in styles:
-        if isinstance(style, LocalStyle):
-            extra[style.layer] = patch_reach(style.patch_size, style.stride)
+    patches = [(s.layer, s.patch_size, s.stride) for s in styles if isinstance(s, LocalStyle)]
+    extra = tile_layers(vgg.names, layers, patches, split)
     crops = [tile.crop for tile in TilePlan(vgg.names, shape, extra, tile).tiles]
     crop = max(((c[0].stop - c[0].start, c[1].stop - c[1].start) for c in crops), key=math.prod)
-    _, _, _, crop_largest = _activation_elements(vgg, crop, layers)
+    head = set(extra)
     local_layers = {settings.content_layer} | {s.layer for s in styles if isinstance(s, LocalStyle)}
-    crop_local = _activation_elements(vgg, crop, local_layers)[2]
     pixels = 3 * shape[0] * shape[1]
     content = _activation_elements(vgg, shape, {settings.content_layer})[2]
     whole = _vectors(settings, history) * pixels * _FLOAT + content * _FLOAT
@@ -151,13 +157,34 @@ def tiled_bytes(
             queries = math.prod(feature_shape(shape, style.layer))
             # the style map, its projection (64 values per patch) and squared norms, the matches and candidates
             searches += (channels + 64 + 4) * h * w * _FLOAT + queries * (2 + 9) * 8
-    one_tile = (
-        kept_bytes(vgg, crop, layers, half)
-        + 3 * crop_largest * pass_bytes  # gradients in the backward pass
-        + 3 * crop_local * _FLOAT  # the window's targets and differences on the content and patch layers
+    one_tile = _pass_bytes(vgg, crop, head, local_layers & head, half, pass_bytes)
+    if split is None:
+        return whole + searches + max(one_tile, setting_up)
+    # the split layer's map of the whole image and its gradient, held from the deep pass through the tiles' passes
+    deep_map = 2 * _channels(vgg, split) * math.prod(feature_shape(shape, split)) * pass_bytes
+    deep = _pass_bytes(vgg, shape, layers - head, local_layers - head, half, pass_bytes, after=split)
+    return whole + searches + max(deep_map + max(one_tile, deep), setting_up)
+
+
+def _pass_bytes(
+    vgg: VGGFeatures,
+    shape: tuple[int, int],
+    layers: set[str],
+    local_layers: set[str],
+    half: torch.dtype | None,
+    pass_bytes: int,
+    after: str | None = None,
+) -> int:
+    """One evaluation's pass to ``layers`` (from after ``after``) on an image of ``shape``: what the backward pass
+    keeps, a few gradients of the largest activation, the content and patch layers' targets and differences."""
+    largest = _activation_elements(vgg, shape, layers, after)[3]
+    local = _activation_elements(vgg, shape, local_layers, after)[2] if local_layers else 0
+    return (
+        kept_bytes(vgg, shape, layers, half, after)
+        + 3 * largest * pass_bytes  # gradients in the backward pass
+        + 3 * local * _FLOAT  # the targets and differences on the content and patch layers
         + DEFAULT_MAX_SCORES * _FLOAT
     )
-    return whole + searches + max(one_tile, setting_up)
 
 
 def _channels(vgg: VGGFeatures, layer: str) -> int:
@@ -167,13 +194,22 @@ def _channels(vgg: VGGFeatures, layer: str) -> int:
 
 @dataclass(frozen=True)
 class LevelPlan:
-    """How a level is evaluated: whole (``tile`` 0) or in tiles of ``tile`` px, and the L-BFGS history it keeps."""
+    """How a level is evaluated: whole (``tile`` 0) or in tiles of ``tile`` px with the layers after ``split`` (a
+    pooling layer, or None) whole (tiling.py), and the L-BFGS history it keeps."""
 
     tile: int
     history: int
+    split: str | None = None
 
 
 MIN_HISTORY = 5  # the automatic choice shrinks the tiles before the L-BFGS history below this
+SPLIT_TILE = 768  # the largest automatic tile when the deep layers run whole (larger ones were no faster)
+
+
+def split_candidates(vgg: VGGFeatures, layers: set[str]) -> list[str]:
+    """The pooling layers after which the deep layers may run whole, from the fastest (shallowest) choice on."""
+    deepest = max(vgg.names.index(layer) for layer in layers)
+    return [name for name in vgg.names[:deepest] if name.startswith("pool")]
 
 
 def plan_level(
@@ -183,21 +219,26 @@ def plan_level(
     settings: Settings,
     available: int | None = None,
 ) -> LevelPlan:
-    """Whole or tiled, and the history, for optimising a canvas of ``shape`` in the memory ``available`` (default:
-    what the device has free). ``settings.tile`` > 0 asks for tiles of that size; 0 tiles only a level that would
-    not fit whole, in the largest tiles that leave the L-BFGS history at least MIN_HISTORY (or
-    ``settings.history_size`` if smaller), and shrinks the history only when the smallest tiles need it."""
+    """Whole or tiled, the split and the history, for optimising a canvas of ``shape`` in the memory ``available``
+    (default: what the device has free).
+
+    A level is tiled only when it would not fit whole, or when ``settings.tile`` > 0 asks for tiles of that size.
+    Tiled, the deep layers run whole after the shallowest split that fits (the fastest choice; ``split_candidates``)
+    in tiles of at most SPLIT_TILE px, else every layer runs in tiles, as large as fit; each choice must leave the
+    L-BFGS history at least MIN_HISTORY (or ``settings.history_size`` if smaller). Only where none does, the
+    history shrinks, down to 1, with the smallest tiles."""
     available = available_bytes(vgg.device) if available is None else available
     wanted = settings.history_size if settings.optimizer == "lbfgs" else 0
     budget = None if available is None else 0.9 * available
+    splits = [*split_candidates(vgg, _layers(styles, settings)), None]
 
-    def history_for(tile: int) -> int:
-        """The longest history (<= wanted) that fits with ``tile`` (0: whole), or -1."""
+    def history_for(tile: int, split: str | None = None) -> int:
+        """The longest history (<= wanted) that fits with ``tile`` (0: whole) and ``split``, or -1."""
         for history in range(wanted, -1, -1):
             needed = (
                 estimate_bytes(vgg, shape, styles, settings, history)
                 if tile == 0
-                else tiled_bytes(vgg, shape, styles, settings, tile, history)
+                else tiled_bytes(vgg, shape, styles, settings, tile, history, split)
             )
             if budget is None or needed <= budget:
                 return history
@@ -205,25 +246,28 @@ def plan_level(
                 break
         return -1
 
+    enough, some = min(MIN_HISTORY, wanted), min(1, wanted)
     if settings.tile > 0:
-        history = history_for(settings.tile)
-        if history >= min(1, wanted):
-            return LevelPlan(settings.tile, history)
-        _refuse(vgg, shape, styles, settings, available, settings.tile)
-    if history_for(0) == wanted:
-        return LevelPlan(0, wanted)
-    sizes, size = [], max(shape) - 64
-    while size >= MIN_TILE:  # from tiles of nearly the whole canvas down, ~15% at a time
-        sizes.append(size // 64 * 64)
-        size = int(size * 0.85)
-    for size in sizes:
-        history = history_for(size)
-        if history >= min(MIN_HISTORY, wanted):
-            return LevelPlan(size, history)
-    smallest = history_for(sizes[-1]) if sizes else -1
-    if smallest >= min(1, wanted):
-        return LevelPlan(sizes[-1], smallest)
-    _refuse(vgg, shape, styles, settings, available, sizes[-1] if sizes else MIN_TILE)
+        choices = [(settings.tile, split) for split in splits]
+    else:
+        if history_for(0) == wanted:
+            return LevelPlan(0, wanted)
+        sizes, size = [], max(shape) - 64
+        while size >= MIN_TILE:  # from tiles of nearly the whole canvas down, ~15% at a time
+            sizes.append(size // 64 * 64)
+            size = int(size * 0.85)
+        capped = [size for size in sizes if size <= SPLIT_TILE] or sizes[-1:]
+        choices = [(size, split) for split in splits[:-1] for size in capped] + [(size, None) for size in sizes]
+    for tile, split in choices:
+        history = history_for(tile, split)
+        if history >= enough:
+            return LevelPlan(tile, history, split)
+    if choices:  # the smallest tiles, every layer in tiles: the least memory, with a shorter history
+        tile = choices[-1][0]
+        history = history_for(tile)
+        if history >= some:
+            return LevelPlan(tile, history)
+    _refuse(vgg, shape, styles, settings, available, choices[-1][0] if choices else MIN_TILE)
     raise AssertionError  # _refuse raises
 
 

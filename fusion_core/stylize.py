@@ -64,7 +64,7 @@ def stylize(
             criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin, tile=plan.tile)
             evaluator: Criterion | TiledCriterion = criterion
             if plan.tile:
-                tiled = TiledCriterion(criterion, with_margin(shape, margin), plan.tile)
+                tiled = TiledCriterion(criterion, with_margin(shape, margin), plan.tile, plan.split)
                 evaluator = tiled if tiled.tiles > 1 else criterion  # one tile is the whole canvas
             if image is None:
                 image = random_image(shape, settings.seed, vgg.device) if start is None else resize(start, shape)
@@ -79,7 +79,7 @@ def stylize(
             # A level of n iterations stores at most n - 1 curvature pairs: a longer history would be memory never used.
             iterations = settings.level_iterations(level)
             history = min(plan.history, max(1, iterations - 1))
-            report = _reporter(on_progress, settings, level, margin, tiles, history)
+            report = _reporter(on_progress, settings, level, margin, tiles, history, plan.split if tiles > 1 else None)
             optimised = _optimise(evaluator, canvas, settings, iterations, history, report, should_stop)
             image = _inner(optimised, margin)
         image = image.clamp(0, 1)
@@ -223,6 +223,7 @@ def _reporter(
     margin: int,
     tiles: int,
     history: int,
+    split: str | None,
 ) -> Callable[[int, dict[str, float], Tensor], None]:
     """The per-iteration report of ``level``: a ``Progress``, with the image (margin cut off) when a preview is
     due."""
@@ -245,6 +246,7 @@ def _reporter(
                 image=_inner(image, margin).detach().clamp(0, 1).clone() if preview else None,
                 tiles=tiles,
                 history=history if settings.optimizer == "lbfgs" else 0,
+                split=split,
             )
         )
 

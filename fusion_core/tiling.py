@@ -15,10 +15,17 @@ holds one tile's activations at a time; only the image-sized vectors, the target
 matrices stay whole. Style and content images are run through the network in tiles too (``tiled_maps``).
 
 The price of exactness: dL/dG depends on every tile, so no tile's backward pass can start before every tile has
-been through the network once. An evaluation runs the network forward twice (the first pass's last tile is
-recorded with autograd and not run again), plus the halos: ~1.5x an untiled iteration's time per pixel on our
-CPU (BENCHMARKS.md). A cheaper scheme (Gram matrices from the previous evaluation, or naive tiles) would change
-the loss, the result and, with naive tiles, leave seams.
+been through the network once. Run so, an evaluation runs the network forward twice, plus the halos: ~1.5x an
+untiled iteration's time per pixel on our CPU (BENCHMARKS.md). A cheaper scheme (Gram matrices from the previous
+evaluation, or naive tiles) would change the loss, the result and, with naive tiles, leave seams.
+
+Much of that price is paid in the deep layers, which hold little memory: a sixteenth of the pixels or fewer, but
+the largest receptive fields (the halos) and a third or more of the forward pass's time. So a tiled evaluation
+may ``split`` after a pooling layer: the tiles run the layers up to it (halos of that layer's receptive field) and
+also write its map of the whole image in the first pass; the layers after it run on that map whole, with autograd,
+their terms exactly as the untiled criterion computes them; their backward pass gives that map's gradient, which
+the second pass carries back through each tile with the shallow terms'. Only the shallow layers run twice, with
+small halos. ``memory.plan_level`` picks the shallowest split that fits (the fastest), else none.
 """
 
 from __future__ import annotations
@@ -67,6 +74,22 @@ def patch_reach(size: int, stride: int) -> tuple[int, int]:
     """The positions (before, after) around a tile's own that its patches need: those starting at its positions
     reach ``size - 1`` further, and the fast search's propagation looks at the ring of patches around them."""
     return stride, stride + size - 1
+
+
+def tile_layers(
+    names: list[str], layers: Iterable[str], patches: Iterable[tuple[str, int, int]], split: str | None = None
+) -> dict[str, tuple[int, int]]:
+    """The layers a tile's crop must give exactly, each with the positions around the owned ones that must be
+    exact too (``TilePlan``'s ``extra``): the layers in use up to ``split`` (all without one) and ``split`` itself;
+    for each patch term (layer, patch size, stride) in them, its patches' reach."""
+    depth = len(names) if split is None else names.index(split)
+    extra = {layer: (0, 0) for layer in layers if names.index(layer) <= depth}
+    if split is not None:
+        extra[split] = (0, 0)
+    for layer, size, stride in patches:
+        if layer in extra:
+            extra[layer] = patch_reach(size, stride)
+    return extra
 
 
 @dataclass(frozen=True)
@@ -188,25 +211,49 @@ class _Recorded:
 
     tile: Tile
     crop: Tensor
-    features: dict[str, Tensor]
+    features: dict[str, Tensor]  # the shallow layers' owned positions, as the losses see them
+    deep: list[Tensor]  # with a split: the split layer's owned positions
+
+
+def _splittable(criterion: Criterion, split: str) -> bool:
+    depth = criterion.vgg.names.index(split)
+    return all(
+        len({criterion.vgg.names.index(layer) <= depth for layer in module.layers}) == 1
+        for _, _, module in criterion.terms
+    )
 
 
 class TiledCriterion:
     """A ``Criterion`` evaluated tile by tile (the module docstring says how); ``evaluate`` as the criterion's.
 
-    The first pass records its last tile with autograd and the second pass starts with it: one tile's forward
-    pass fewer per evaluation, at no extra memory (that tile's record is the second pass's first tile)."""
+    With a ``split`` (a pooling layer), only the layers up to it run in tiles: the first pass also stores the
+    ``split`` layer's map of the whole image, the layers after it run on that map whole, with autograd, their terms
+    exactly as the untiled criterion computes them, and their backward pass gives the gradient of that map, which
+    the second pass carries back through each tile. The deep layers have a sixteenth of the pixels or fewer and
+    the largest receptive fields: running them whole removes most of the halos and most of the second forward
+    pass, for the memory of the deep layers' pass on the whole map.
 
-    def __init__(self, criterion: Criterion, canvas: tuple[int, int], tile: int) -> None:
-        self.criterion, self.canvas = criterion, canvas
+    The first pass records its last tile with autograd and the second pass starts with it: one tile's forward pass
+    fewer per evaluation, at no extra memory beyond the deep layers' pass (that tile's record is the second pass's
+    first tile)."""
+
+    def __init__(self, criterion: Criterion, canvas: tuple[int, int], tile: int, split: str | None = None) -> None:
+        self.criterion, self.canvas, self.split = criterion, canvas, split
         self.vgg, self.gradient_scale = criterion.vgg, criterion.gradient_scale
-        extra = dict.fromkeys(criterion.layers, (0, 0))
-        for _, _, module in criterion.terms:
-            if isinstance(module, PatchLoss):
-                extra[module.layer] = patch_reach(module.patch_size, module.stride)
-        self.plan = TilePlan(self.vgg.names, canvas, extra, tile)
-        self.grams = [module for _, _, module in criterion.terms if isinstance(module, GramLoss)]
-        self.patches = [module for _, _, module in criterion.terms if isinstance(module, PatchLoss)]
+        names = self.vgg.names
+        depth = len(names) if split is None else names.index(split)
+        deepest = max(names.index(layer) for layer in criterion.layers)
+        if split is not None and not (split.startswith("pool") and depth < deepest and _splittable(criterion, split)):
+            raise FusionError(
+                f"split: {split!r} must be a pooling layer before the deepest layer in use, with no Gram term's layers "
+                "on both sides of it"
+            )
+        self.head = criterion.layers if split is None else criterion.layers - criterion.layers_after(split)
+        in_head = [module for _, _, module in criterion.terms if self.head.issuperset(module.layers)]
+        patches = [(m.layer, m.patch_size, m.stride) for m in in_head if isinstance(m, PatchLoss)]
+        self.plan = TilePlan(names, canvas, tile_layers(names, criterion.layers, patches, split), tile)
+        self.grams = [module for module in in_head if isinstance(module, GramLoss)]
+        self.patches = [module for module in in_head if isinstance(module, PatchLoss)]
 
     @property
     def tiles(self) -> int:
@@ -217,34 +264,56 @@ class TiledCriterion:
         criterion, scale = self.criterion, self.gradient_scale
         rematch = rematch or any(module.indices is None for module in self.patches)
         image.grad = None  # the last evaluation's: an image-sized vector
-        gram_values, slopes, recorded = self._first_pass(image.detach(), rematch)
+        known, slopes, recorded, deep = self._first_pass(image.detach(), rematch)
+        deep_values, deep_grad, largest = {}, None, None
+        if deep is not None:  # the layers after the split, whole, as the untiled criterion evaluates them
+            deep.requires_grad_(True)
+            deep_values = criterion(deep, rematch=rematch, after=self.split)
+            deep_values.pop("total").backward()
+            deep_grad, largest = deep.grad, self.gradient_scale.largest
         values: dict[str, Tensor] = {}
         for name in self.vgg.names:  # the untiled criterion's order of terms
             for kind, weight, module in criterion.due.get(name, ()):
-                value = weight * gram_values[id(module)] if isinstance(module, GramLoss) else image.new_zeros(())
+                value = weight * known[id(module)] if id(module) in known else image.new_zeros(())
                 values[kind] = values.get(kind, 0.0) + value
+        for kind, value in deep_values.items():
+            values[kind] = values[kind] + value.detach()
         grad = torch.zeros_like(image)
-        largest = None
+        layers = [*self.head] if self.split is None else [*self.head, self.split]
         tiles = self.plan.tiles if recorded is None else [recorded.tile, *self.plan.tiles[:-1]]
         for tile in tiles:
+            roots: list[Tensor] = []  # what the tile's backward pass starts from, with its gradient (None: 1)
+            seeds: list[Tensor | None] = []
             if recorded is not None and tile is recorded.tile:
                 crop, features = recorded.crop, recorded.features
-                pulls = [pull for name in features for pull in self._pulls(tile, name, features, slopes, values)]
+                roots = [pull for name in features for pull in self._pulls(tile, name, features, slopes, values)]
+                seeds = [None] * len(roots)
+                if deep_grad is not None and recorded.deep:
+                    roots.append(recorded.deep[0])
+                    seeds.append(deep_grad[(..., *self.plan.local(tile, self.split)[1])])
                 recorded = None
             else:
                 crop = image.detach()[..., tile.crop[0], tile.crop[1]].requires_grad_(True)
-                features, pulls = {}, []
+                features = {}
 
-                def evaluate(name: str, activation: Tensor, tile: Tile = tile, features=features, pulls=pulls) -> None:
+                def evaluate(name: str, activation: Tensor, tile=tile, features=features, roots=roots, seeds=seeds):
+                    if name == self.split and deep_grad is not None:
+                        # the deep layers' gradient, at the positions the tile owns
+                        roots.append(self._window(tile, name, activation))
+                        seeds.append(deep_grad[(..., *self.plan.local(tile, name)[1])])
+                    if name not in self.head:
+                        return
                     features[name] = self._window(tile, name, scale.for_losses(activation))
-                    pulls.extend(self._pulls(tile, name, features, slopes, values))
+                    pulls = self._pulls(tile, name, features, slopes, values)
+                    roots.extend(pulls)
+                    seeds.extend([None] * len(pulls))
 
                 with autocast(self.vgg.device, criterion.half_dtype):
-                    self.vgg(scale.unscale_at(crop), criterion.layers, on_layer=evaluate)
-            if pulls:
-                sum(pulls).backward()
+                    self.vgg(scale.unscale_at(crop), layers, on_layer=evaluate)
+            if roots:
+                torch.autograd.backward(roots, seeds)
                 grad[..., tile.crop[0], tile.crop[1]] += crop.grad
-            del features, pulls
+            del features, roots, seeds
             if scale.largest is not None:
                 largest = scale.largest if largest is None else torch.maximum(largest, scale.largest)
         scale.largest = largest
@@ -293,29 +362,44 @@ class TiledCriterion:
 
     def _first_pass(
         self, image: Tensor, rematch: bool
-    ) -> tuple[dict[int, Tensor], dict[int, dict[str, Tensor]], _Recorded | None]:
-        """The whole image's Gram matrices, tile by tile, and (``rematch``) the patches' matches. Returns each Gram
-        loss's value and its gradient with respect to each of its Gram matrices, and the recorded last tile."""
-        criterion, plan, scale = self.criterion, self.plan, self.gradient_scale
+    ) -> tuple[dict[int, Tensor], dict[int, dict[str, Tensor]], _Recorded | None, Tensor | None]:
+        """The whole image's Gram matrices, tile by tile, (``rematch``) the patches' matches and (with a split) the
+        ``split`` layer's map of the whole image. Returns each Gram loss's value and its gradient with respect to
+        each of its Gram matrices, the recorded last tile and (with a split) the map."""
+        criterion, plan, scale, split = self.criterion, self.plan, self.gradient_scale, self.split
         device = self.vgg.device
         layers = {layer for module in self.grams for layer in module.layers}
         if rematch:
             layers |= {module.layer for module in self.patches}
             for module in self.patches:
                 module.start_tiled_match(feature_shape(self.canvas, module.layer))
+        if split is not None:
+            layers.add(split)
         sums: dict[tuple[int, str], Tensor] = {}
+        deep: list[Tensor] = []
         recorded = None
         if layers:
             for i, tile in enumerate(plan.tiles):
                 record = i == len(plan.tiles) - 1
                 crop = image[..., tile.crop[0], tile.crop[1]]
                 features: dict[str, Tensor] = {}
+                split_part: list[Tensor] = []
 
-                def collect(name: str, activation: Tensor, tile: Tile = tile, features=features, record=record) -> None:
-                    if record:
+                def collect(
+                    name: str, activation: Tensor, tile: Tile = tile, features=features, record=record, kept=split_part
+                ) -> None:
+                    if record and name in self.head:
                         features[name] = self._window(tile, name, scale.for_losses(activation))
+                    if record and name == split:
+                        kept.append(self._window(tile, name, activation))
                     if name not in layers:
                         return
+                    if name == split:
+                        local, window = plan.local(tile, name)
+                        if not deep:
+                            size = (1, activation.shape[1], *feature_shape(self.canvas, name))
+                            deep.append(activation.new_empty(size).contiguous(memory_format=memory_format(device)))
+                        deep[0][..., window[0], window[1]] = activation[..., local[0], local[1]].detach()
                     with torch.no_grad(), float32_region(device):
                         for module in self.grams:
                             if name in module.layers:
@@ -330,8 +414,8 @@ class TiledCriterion:
                 with torch.set_grad_enabled(record), autocast(device, criterion.half_dtype):
                     if record:
                         crop = crop.requires_grad_(True)
-                        self.vgg(scale.unscale_at(crop), criterion.layers, on_layer=collect)
-                        recorded = _Recorded(tile, crop, features)
+                        self.vgg(scale.unscale_at(crop), self.head | layers, on_layer=collect)
+                        recorded = _Recorded(tile, crop, features, split_part)
                     else:
                         self.vgg(crop, sorted(layers), on_layer=collect)
         if rematch:
@@ -345,7 +429,7 @@ class TiledCriterion:
                 found = torch.autograd.grad(value, list(grams.values()))
                 values[id(module)] = value.detach()
                 slopes[id(module)] = dict(zip(grams, found, strict=True))
-        return values, slopes, recorded
+        return values, slopes, recorded, deep[0] if deep else None
 
 
 TV_BAND = 256  # rows of the image per band of the total-variation term

@@ -103,20 +103,31 @@ class VGGFeatures(nn.Module):
         return ((image - self._mean) / self._std).contiguous(memory_format=memory_format(image.device))
 
     def forward(
-        self, image: Tensor, layers: Iterable[str], on_layer: Callable[[str, Tensor], None] | None = None
+        self,
+        image: Tensor,
+        layers: Iterable[str],
+        on_layer: Callable[[str, Tensor], None] | None = None,
+        *,
+        after: str | None = None,
     ) -> dict[str, Tensor]:
-        """Activations of ``layers``; ``on_layer(name, activation)`` is called as each one is computed."""
+        """Activations of ``layers``; ``on_layer(name, activation)`` is called as each one is computed.
+
+        ``after`` (a ReLU or pooling layer): ``image`` is that layer's activation, and the pass runs on from the
+        next layer (tiling.py runs the shallow layers in tiles and the deep ones on the whole map)."""
         wanted = set(layers)
-        self.check_layers(wanted)
+        self.check_layers(wanted if after is None else wanted | {after})
+        first = 0 if after is None else self.names.index(after) + 1
+        if after is not None and (after.startswith("conv") or any(self.names.index(n) < first for n in wanted)):
+            raise FusionError(f"after: {after!r} must be a ReLU or pooling layer before every layer asked for")
         names = self.names[: max(self.names.index(n) for n in wanted) + 1]
-        x = self.normalize(image)
+        x = self.normalize(image) if after is None else image.contiguous(memory_format=memory_format(image.device))
         # While autograd records the pass, let the frozen layers keep only what their backward needs.
         frozen = not any(p.requires_grad for p in self.parameters())
         compact = self.lean_backward and frozen and torch.is_grad_enabled() and x.requires_grad
         out: dict[str, Tensor] = {}
-        conv_i = 0
+        conv_i = sum(1 for name in self.names[:first] if name.startswith("conv"))
         fused = False  # the ReLU was applied with its conv
-        for i, name in enumerate(names):
+        for i, name in enumerate(names[first:], start=first):
             if name.startswith("conv"):
                 conv = self.convs[conv_i]
                 conv_i += 1

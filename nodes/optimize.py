@@ -216,9 +216,11 @@ class FusionStyleFusedOptimize:
                         "max": 16384,
                         "step": 64,
                         "tooltip": "Large prints: evaluate each level in tiles of at most this many pixels. The "
-                        "result is the same as untiled (no seams), in the memory of one tile, at ~1.5x the time per "
-                        "pixel. 0: tiles only when a level would not fit in the device's free memory, as large as "
-                        "fit; the console says how many tiles and how long an L-BFGS history each level uses.",
+                        "result is the same as untiled (no seams). The shallow layers run in tiles and the deep ones, "
+                        "which hold little memory, on the whole image where they fit: ~1.2x the untiled time per "
+                        "pixel (every layer in tiles, for the largest prints: ~1.5-2x). 0: tiles only when a level "
+                        "would not fit in the device's free memory; the console says how many tiles and how long an "
+                        "L-BFGS history each level uses.",
                     },
                 ),
                 "final_iterations": (
@@ -293,8 +295,9 @@ class FusionStyleFusedOptimize:
 
                 def on_progress(p, done=i * steps):
                     if p.iteration == 1 and p.tiles > 1:
+                        whole = f" (layers after {p.split} whole)" if p.split else ""
                         comfy.log(
-                            f"Fused Style Optimize: level {p.level}/{p.levels} in {p.tiles} tiles, "
+                            f"Fused Style Optimize: level {p.level}/{p.levels} in {p.tiles} tiles{whole}, "
                             f"L-BFGS history {p.history}"
                         )
                     update(done + p.step, None if p.image is None else to_pil(p.image))

@@ -96,8 +96,10 @@ def test_an_iteration_synchronises_with_the_host_once():
 
 
 @pytest.mark.parametrize("mixed_precision", [False, True], ids=["float32", "float16"])
-def test_tiled_gradient_on_cuda_equals_the_untiled_one(mixed_precision):
-    """The tiled evaluation (two passes, the recorded last tile, the gradient scale across tiles) on the GPU."""
+@pytest.mark.parametrize("split", [None, "pool2"])
+def test_tiled_gradient_on_cuda_equals_the_untiled_one(mixed_precision, split):
+    """The tiled evaluation (two passes, the recorded last tile, the gradient scale across tiles; with a split,
+    the deep layers' whole pass) on the GPU."""
     from fusion_core.tiling import TiledCriterion
 
     shape = (61, 77)
@@ -107,7 +109,8 @@ def test_tiled_gradient_on_cuda_equals_the_untiled_one(mixed_precision):
     styles = [GlobalStyle(style, layers=layers), LocalStyle(style)]
     settings = Settings(size=77, levels=1, mixed_precision=mixed_precision, matcher="exact")
     whole = build_criterion(vgg, content, styles, settings, shape)
-    tiled = TiledCriterion(build_criterion(vgg, content, styles, settings, shape, tile=50), shape, 50)
+    tile = 50 if split is None else 30
+    tiled = TiledCriterion(build_criterion(vgg, content, styles, settings, shape, tile=tile), shape, tile, split)
     assert tiled.tiles >= 4
     image = smooth_image(*shape, seed=3).cuda().requires_grad_(True)
     whole.evaluate(image, rematch=True)

@@ -137,6 +137,34 @@ def test_float16_path_emulated_on_cpu_gives_the_float32_gradient(monkeypatch):
     assert scaled < 0.1 and scaled < 0.6 * unscaled, (scaled, unscaled)
 
 
+def test_tiled_float16_path_emulated_on_cpu_gives_the_untiled_float16_gradient(monkeypatch):
+    """The gradient scale through the tiles: the largest gradient entering the pass gathered over the tiles (and,
+    with a split, the deep layers' whole pass, whose gradient reaches the tiles still scaled), the image's gradient
+    unscaled once. Float16 rounds each crop's pass on its own: agreement to float16's rounding, not float32's.
+    (Every layer in tiles: tests/test_cuda.py.)"""
+    from fusion_core.tiling import TiledCriterion
+
+    _float16_on_cpu(monkeypatch)
+    h, w = 200, 232
+    content, style = smooth_image(h, w, seed=1), smooth_image(w, w, seed=2)
+    vgg = tiny_vgg(width=8, convention="caffe")
+    styles = [GlobalStyle(style), LocalStyle(style)]
+    settings = Settings(size=w, levels=1, matcher="exact")
+    whole = build_criterion(vgg, content, styles, settings, (h, w))
+    tiled = TiledCriterion(build_criterion(vgg, content, styles, settings, (h, w), tile=180), (h, w), 180, "pool2")
+    assert tiled.tiles >= 4 and whole.half_dtype == torch.float16
+    image = smooth_image(h, w, seed=3).requires_grad_(True)
+    for _ in range(2):  # the second evaluation with the scale the first one set
+        whole.evaluate(image, rematch=True)
+        expected = image.grad.clone()
+        tiled.evaluate(image, rematch=True)
+        largest, tiled_largest = float(whole.gradient_scale.largest), float(tiled.gradient_scale.largest)
+        assert abs(tiled_largest - largest) <= 1e-2 * largest
+        assert float((image.grad - expected).norm() / expected.norm()) < 1e-2
+        for criterion in (whole, tiled):
+            criterion.gradient_scale.update(largest, finite=True)
+
+
 def test_an_overflow_in_float16_is_retried_with_a_smaller_scale(monkeypatch):
     _float16_on_cpu(monkeypatch)
     content, style = smooth_image(48, 64, seed=1), smooth_image(64, 64, seed=2)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import smooth_image, tiny_vgg
 
-from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings
+from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, memory
 from fusion_core.criterion import build_criterion
 from fusion_core.functional import gram_matrix, gram_part
 from fusion_core.geometry import feature_shape
-from fusion_core.memory import estimate_bytes, plan_level, tiled_bytes
+from fusion_core.memory import MIN_TILE, estimate_bytes, plan_level, split_candidates, tiled_bytes
 from fusion_core.stylize import stylize
 from fusion_core.tiling import TiledCriterion, TilePlan, layer_reach, tiled_maps
 
@@ -43,11 +43,17 @@ def _terms(kind: str, style: torch.Tensor, mask: torch.Tensor | None, layers=SHA
     return {"global": [global_style], "local": [local_style], "content": [], "all": [global_style, local_style]}[kind]
 
 
-def _both(net, content, terms, settings, shape, tile, margin=0):
+def _both(net, content, terms, settings, shape, tile, margin=0, split=None):
     whole = build_criterion(net, content, terms, settings, shape, margin=margin)
     tiled = build_criterion(net, content, terms, settings, shape, margin=margin, tile=tile)
     canvas = (shape[0] + 2 * margin, shape[1] + 2 * margin)
-    return whole, TiledCriterion(tiled, canvas, tile)
+    return whole, TiledCriterion(tiled, canvas, tile, split)
+
+
+@pytest.fixture
+def every_layer_in_tiles(monkeypatch):
+    """Plans without a split: every layer in tiles (the scheme for the largest sizes)."""
+    monkeypatch.setattr(memory, "split_candidates", lambda vgg, layers: [])
 
 
 def _compare(whole, tiled, image, iterations: int = 3):
@@ -107,14 +113,26 @@ def test_a_tile_too_small_for_the_receptive_field_is_refused_with_the_smallest_t
         TilePlan(net.names, (200, 200), {"relu5_1": (0, 0)}, 32)
 
 
+def test_the_pass_from_a_pooling_layer_on_gives_the_whole_pass(net):
+    image = smooth_image(61, 77, seed=1)
+    whole = net(image, ["pool2", "relu3_1", "relu4_1"])
+    for name, found in net(whole["pool2"], ["relu3_1", "relu4_1"], after="pool2").items():
+        assert (found - whole[name]).abs().max() <= 1e-6 * whole[name].abs().max()
+    with pytest.raises(FusionError, match="after: 'relu3_1' must be a ReLU or pooling layer before every layer"):
+        net(whole["relu3_1"], ["relu2_1"], after="relu3_1")
+
+
 @pytest.mark.parametrize("kind", ["global", "local", "content", "all"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_tiled_gradient_equals_the_untiled_one(net, kind, masked):
+@pytest.mark.parametrize("split", [None, "pool1", "pool2"])
+def test_tiled_gradient_equals_the_untiled_one(net, kind, masked, split):
+    """Every layer in tiles, or the deep layers whole after a split: with pool1 the patch and content terms are
+    whole and a Gram layer on each side; with pool2 only the deepest layer is whole."""
     shape = (61, 77)  # odd sizes: the pools drop a row and a column
     content, style = smooth_image(*shape, seed=2), smooth_image(54, 83, seed=3)
     terms = _terms(kind, style, _half_mask(shape) if masked else None)
     settings = Settings(size=77, levels=1, mixed_precision=False, matcher="exact", tv_weight=1.0)
-    whole, tiled = _both(net, content, terms, settings, shape, tile=50)
+    whole, tiled = _both(net, content, terms, settings, shape, tile=50 if split is None else 30, split=split)
     assert tiled.tiles >= 4
     image = smooth_image(*shape, seed=4).requires_grad_(True)
     gradient, value = _compare(whole, tiled, image)
@@ -122,14 +140,17 @@ def test_tiled_gradient_equals_the_untiled_one(net, kind, masked):
     assert value < VALUE_TOLERANCE
 
 
-def test_tiled_gradient_with_the_default_layers_a_margin_and_a_patch_stride(net):
+@pytest.mark.parametrize("split", [None, "pool3"])
+def test_tiled_gradient_with_the_default_layers_a_margin_and_a_patch_stride(net, split):
     """The Gram loss on the default layers (relu5_1: 16 px stride, ~160 px receptive field), the patch loss with
-    stride 2, the mirrored margin a level is optimised with."""
+    stride 2, the mirrored margin a level is optimised with; with a split after pool3, the patch and content terms
+    in the tiles and the two deepest Gram layers whole."""
     shape = (230, 250)
     content, style = smooth_image(*shape, seed=5), smooth_image(200, 240, seed=6)
     terms = [GlobalStyle(style, target_mask=_half_mask(shape)), LocalStyle(style, stride=2)]
     settings = Settings(size=250, levels=1, mixed_precision=False, matcher="exact")
-    whole, tiled = _both(net, content, terms, settings, shape, tile=220, margin=4)
+    tile = 220 if split is None else 180
+    whole, tiled = _both(net, content, terms, settings, shape, tile=tile, margin=4, split=split)
     assert tiled.tiles >= 4
     image = smooth_image(238, 258, seed=7).requires_grad_(True)
     gradient, value = _compare(whole, tiled, image, iterations=2)
@@ -182,12 +203,16 @@ def _run(net, tile: int, matcher: str, nudge: float = 0.0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("matcher", ["exact", "fast"])
-def test_a_tiled_run_gives_the_untiled_image(net, matcher):
+@pytest.mark.parametrize("split", ["planned", "none"])
+def test_a_tiled_run_gives_the_untiled_image(net, matcher, split, monkeypatch):
     """Twelve L-BFGS steps amplify rounding: a rounding-sized change can flip a near-tied patch match, which moves
     a few pixels by a grey level or so. So the tiled run is held to what a 1e-6 change of the content does to the
     untiled run, and to an average difference far below a grey level (1/255 = 4e-3). (The fast search's random
-    candidates are drawn differently in tiles; here they find the same matches.)"""
+    candidates are drawn differently in tiles; here they find the same matches.) The plan splits after pool1
+    (plenty of memory: the shallowest split); "none" runs every layer in tiles."""
     untiled = _run(net, 0, matcher)
+    if split == "none":
+        monkeypatch.setattr(memory, "split_candidates", lambda vgg, layers: [])
     tiled = _run(net, 56, matcher)
     nudged = _run(net, 0, matcher, nudge=1e-6)
     difference, rounding = (tiled - untiled).abs(), (nudged - untiled).abs()
@@ -210,7 +235,7 @@ def _seam_ratio(difference: torch.Tensor, plan: TilePlan, band: int = 2) -> floa
     return float(per_pixel[near].mean() / per_pixel[~near].mean().clamp_min(1e-12))
 
 
-def test_no_seam_the_tiled_result_differs_no_more_at_tile_edges(net):
+def test_no_seam_the_tiled_result_differs_no_more_at_tile_edges(net, every_layer_in_tiles):
     """The tiled run's difference from the untiled one shows no grid: it is no larger along the tiles' edges than
     elsewhere, in the gradient and in the image after a run. The measure itself finds a planted seam."""
     shape = (150, 190)  # blocks several times the width of the band measured along their edges
@@ -245,14 +270,34 @@ def test_the_plan_is_whole_where_it_fits_and_tiled_where_not(style):
     canvas = (2112, 2112)
     whole = estimate_bytes(vgg, canvas, styles, settings)
     assert plan_level(vgg, canvas, styles, settings, available=int(whole / 0.85)).tile == 0
-    plan = plan_level(vgg, canvas, styles, settings, available=int(whole / 3))
-    assert plan.tile > 0 and plan.history >= 5
-    assert tiled_bytes(vgg, canvas, styles, settings, plan.tile, plan.history) <= 0.9 * whole / 3
+    budget = whole / 3
+    plan = plan_level(vgg, canvas, styles, settings, available=int(budget / 0.9))
+    assert plan.tile > 0 and plan.history >= 5 and plan.split is not None
+    assert tiled_bytes(vgg, canvas, styles, settings, plan.tile, plan.history, plan.split) <= budget
+    # the fastest choice that fits: the shallowest split; each shallower one does not fit even in the smallest tiles
+    splits = split_candidates(vgg, set(GlobalStyle(style).layers) | {"relu3_1"})
+    assert splits.index(plan.split) > 0
+    for shallower in splits[: splits.index(plan.split)]:
+        assert tiled_bytes(vgg, canvas, styles, settings, MIN_TILE, 5, shallower) > budget
+    # where no split fits, every layer runs in tiles
+    least = min(tiled_bytes(vgg, canvas, styles, settings, MIN_TILE, 5, split) for split in splits)
+    fitting = plan_level(vgg, canvas, styles, settings, available=int(least / 0.9) - 64)
+    assert fitting.split is None and fitting.history >= 5
     # a tile asked for is used, with as long a history as fits next to it
     forced = plan_level(vgg, canvas, styles, Settings(size=2048, tile=768), available=int(whole))
     assert forced.tile == 768 and forced.history == settings.history_size
     tight = tiled_bytes(vgg, canvas, styles, settings, 768, 3)
+    assert all(tiled_bytes(vgg, canvas, styles, settings, 768, 5, split) > tight for split in [*splits, None])
     assert plan_level(vgg, canvas, styles, Settings(size=2048, tile=768), available=int(tight / 0.9) + 64).history == 3
+
+
+def test_the_splits_are_the_pooling_layers_before_the_deepest_layer(net):
+    content, style = smooth_image(61, 77, seed=2), smooth_image(54, 83, seed=3)
+    settings = Settings(size=77, levels=1, mixed_precision=False)
+    criterion = build_criterion(net, content, _terms("all", style, None), settings, (61, 77))
+    assert split_candidates(net, criterion.layers) == ["pool1", "pool2"]  # relu3_1 is the deepest
+    with pytest.raises(FusionError, match="split: 'pool3' must be a pooling layer before the deepest layer"):
+        TiledCriterion(criterion, (61, 77), 50, "pool3")
 
 
 def test_a_run_that_cannot_fit_even_in_tiles_is_refused_with_the_estimate_and_a_size_that_fits(style):
@@ -266,13 +311,23 @@ def test_a_run_that_cannot_fit_even_in_tiles_is_refused_with_the_estimate_and_a_
         plan_level(vgg, (4224, 4224), styles, Settings(size=4096), available=2**30)
 
 
-def test_progress_reports_the_tiles_and_the_history(net):
+def test_progress_reports_the_tiles_and_the_history(net, every_layer_in_tiles):
     content, style = smooth_image(70, 90, seed=9), smooth_image(80, 80, seed=10)
     reports = []
     settings = Settings(size=90, levels=1, iterations=3, mixed_precision=False, tile=56, history_size=7)
     stylize(net, content, [GlobalStyle(style, layers=SHALLOW)], settings, on_progress=reports.append)
     expected = TilePlan(net.names, (78, 98), dict.fromkeys(["relu1_1", "relu2_1", "relu3_1"], (0, 0)), 56)
-    assert {(p.tiles, p.history) for p in reports} == {(len(expected.tiles), 2)}  # 3 iterations keep 2 pairs
+    assert {(p.tiles, p.history, p.split) for p in reports} == {(len(expected.tiles), 2, None)}  # 3 iterations: 2 pairs
+
+
+def test_progress_reports_the_split_the_plan_chose(net):
+    content, style = smooth_image(70, 90, seed=9), smooth_image(80, 80, seed=10)
+    reports = []
+    settings = Settings(size=90, levels=1, iterations=2, mixed_precision=False, tile=40)
+    stylize(net, content, [GlobalStyle(style, layers=SHALLOW)], settings, on_progress=reports.append)
+    # plenty of memory: the shallowest split, and the tiles of the layers up to it
+    expected = TilePlan(net.names, (78, 98), {"relu1_1": (0, 0), "pool1": (0, 0)}, 40)
+    assert {(p.tiles, p.split) for p in reports} == {(len(expected.tiles), "pool1")}
 
 
 def test_the_last_level_runs_final_iterations_and_progress_counts_them(net):
