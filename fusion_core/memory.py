@@ -160,10 +160,12 @@ def tiled_bytes(
     one_tile = _pass_bytes(vgg, crop, head, local_layers & head, half, pass_bytes)
     if split is None:
         return whole + searches + max(one_tile, setting_up)
-    # the split layer's map of the whole image and its gradient, held from the deep pass through the tiles' passes
+    # the split layer's map of the whole image and its gradient, held from the deep pass through the tiles' passes;
+    # during the deep pass, the first pass's recorded tile too
     deep_map = 2 * _channels(vgg, split) * math.prod(feature_shape(shape, split)) * pass_bytes
     deep = _pass_bytes(vgg, shape, layers - head, local_layers - head, half, pass_bytes, after=split)
-    return whole + searches + max(deep_map + max(one_tile, deep), setting_up)
+    recorded = kept_bytes(vgg, crop, head, half)
+    return whole + searches + max(deep_map + max(one_tile, recorded + deep), setting_up)
 
 
 def _pass_bytes(
