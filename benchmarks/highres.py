@@ -84,9 +84,14 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) 
         raise SystemExit(f"unknown mode {mode!r} in case {case!r}")
     import fusion_core.stylize as stylize_module
 
-    planned = []
+    planned = []  # the levels' plans, as stylize receives them
     plan_level = stylize_module.plan_level
-    stylize_module.plan_level = lambda *args, **kwargs: planned.append(plan_level(*args, **kwargs)) or planned[-1]
+
+    def recording_plan_level(*args, **kwargs):
+        planned.append(plan_level(*args, **kwargs))
+        return planned[-1]
+
+    stylize_module.plan_level = recording_plan_level
     vgg = load_vgg(weights)
     content, style = load_image(CONTENT), load_image(STYLE)
     content = resize(content, _fit(content.shape[-2:], size))

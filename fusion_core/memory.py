@@ -43,7 +43,7 @@ def _activation_elements(
     channels = 3 if after is None else _channels(vgg, after)
     whole = signs = returned = 0
     largest = channels * h * w
-    conv = sum(1 for name in names[:first] if name.startswith("conv"))
+    conv = vgg.convs_before(first)
     for i, name in enumerate(names[first:], start=first):
         if name.startswith("conv"):
             channels = vgg.convs[conv].out_channels
@@ -190,8 +190,7 @@ def _pass_bytes(
 
 
 def _channels(vgg: VGGFeatures, layer: str) -> int:
-    convs = sum(1 for name in vgg.names[: vgg.names.index(layer) + 1] if name.startswith("conv"))
-    return vgg.convs[convs - 1].out_channels
+    return vgg.convs[vgg.convs_before(vgg.names.index(layer) + 1) - 1].out_channels
 
 
 @dataclass(frozen=True)

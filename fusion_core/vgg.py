@@ -89,6 +89,10 @@ class VGGFeatures(nn.Module):
     def device(self) -> torch.device:
         return self.convs[0].weight.device
 
+    def convs_before(self, layer: int) -> int:
+        """How many conv layers come before the layer at index ``layer`` of ``names``."""
+        return sum(1 for name in self.names[:layer] if name.startswith("conv"))
+
     def check_layers(self, layers: Iterable[str]) -> None:
         unknown = [name for name in layers if name not in self.names]
         if unknown:
@@ -125,7 +129,7 @@ class VGGFeatures(nn.Module):
         frozen = not any(p.requires_grad for p in self.parameters())
         compact = self.lean_backward and frozen and torch.is_grad_enabled() and x.requires_grad
         out: dict[str, Tensor] = {}
-        conv_i = sum(1 for name in self.names[:first] if name.startswith("conv"))
+        conv_i = self.convs_before(first)
         fused = False  # the ReLU was applied with its conv
         for i, name in enumerate(names[first:], start=first):
             if name.startswith("conv"):
