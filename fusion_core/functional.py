@@ -46,12 +46,35 @@ def gram_part(features: Tensor, square_weight: Tensor | None, scale: float | Ten
     if b == 1 and features.stride(1) == 1 and memory_format_of(features) == torch.contiguous_format:
         # A window of a channels-last map (a tile's positions): each row of positions is contiguous, the window
         # is not, and flattening it would copy it whole. Taken row by row instead.
-        rows = features[0].permute(1, 2, 0)  # (h, w, C), a view
-        weight = None if square_weight is None else square_weight[0].permute(1, 2, 0).to(features.dtype)
+        # squeeze, not [0]: both are views, but a selection's backward pass writes its gradient into zeros
+        rows = features.squeeze(0).permute(1, 2, 0)  # (h, w, C), a view
+        weight = None if square_weight is None else square_weight.squeeze(0).permute(1, 2, 0).to(features.dtype)
         return _RowGram.apply(rows, weight, scale)
     flat = channels_by_positions(features)
     weight = None if square_weight is None else square_weight.reshape(b, 1, h * w).to(features.dtype)
     return _Gram.apply(flat, weight, scale)
+
+
+def gram_part_grad(features: Tensor, square_weight: Tensor | None, scale: float | Tensor, slope: Tensor) -> Tensor:
+    """The gradient of <slope, gram_part(features, square_weight, scale)> with respect to ``features``, in their
+    layout: (slope + slope^T) applied to each position's channels, weighted and scaled. It is what autograd
+    computes through ``gram_part``, without the part itself, which the tiled evaluation's second pass does not
+    need (tiling.py: it has the Gram matrices from the first)."""
+    b, c, h, w = features.shape
+    if torch.is_tensor(scale) and scale.dim() == 4:
+        scale = scale.reshape(b, 1, 1)
+    symmetric = (slope + slope.transpose(-1, -2)).to(features.dtype).reshape(-1, c, c) * scale
+    if b == 1 and features.stride(1) == 1 and memory_format_of(features) == torch.contiguous_format:
+        rows = features.squeeze(0).permute(1, 2, 0)  # a window of a channels-last map, as gram_part takes it
+        if square_weight is not None:
+            rows = rows * square_weight.squeeze(0).permute(1, 2, 0).to(features.dtype)
+        return torch.matmul(rows, symmetric[0]).permute(2, 0, 1).unsqueeze(0)
+    flat = channels_by_positions(features)
+    if square_weight is not None:
+        flat = flat * square_weight.reshape(b, 1, h * w).to(features.dtype)
+    if flat.stride(-1) == 1:
+        return (symmetric @ flat).reshape(b, c, h, w)
+    return (flat.transpose(1, 2) @ symmetric).reshape(b, h, w, c).permute(0, 3, 1, 2)  # positions-last, as F is
 
 
 def memory_format_of(features: Tensor) -> torch.memory_format:

@@ -54,11 +54,23 @@ class GramLoss(nn.Module):
 
     def part(self, layer: str, features: Tensor, window: tuple[slice, slice], shape: tuple[int, int]) -> Tensor:
         """The part of ``layer``'s Gram matrix from ``features``, the positions ``window`` of a map of ``shape``."""
+        return Fn.gram_part(features, *self._part_weights(layer, window, shape, features.dtype))
+
+    def part_grad(
+        self, layer: str, features: Tensor, window: tuple[slice, slice], shape: tuple[int, int], slope: Tensor
+    ) -> Tensor:
+        """The gradient of <``slope``, ``part(layer, features, window, shape)``> with respect to ``features``."""
+        return Fn.gram_part_grad(features, *self._part_weights(layer, window, shape, features.dtype), slope)
+
+    def _part_weights(
+        self, layer: str, window: tuple[slice, slice], shape: tuple[int, int], dtype: torch.dtype
+    ) -> tuple[Tensor | None, float | Tensor]:
+        """The per-position weights of ``window`` (the target mask squared, or None) and the whole map's scale."""
         mask = self.target_masks.get(layer)
         if mask is None:
-            return Fn.gram_part(features, None, 1.0 / (shape[0] * shape[1]))
-        square = mask.to(features.dtype).square()
-        return Fn.gram_part(features, square[window][None, None], 1.0 / square.sum().clamp_min(1e-8))
+            return None, 1.0 / (shape[0] * shape[1])
+        square = mask.to(dtype).square()
+        return square[window][None, None], 1.0 / square.sum().clamp_min(1e-8)
 
     def loss_of(self, grams: dict[str, Tensor]) -> Tensor:
         """The loss of the whole map's Gram matrices ``grams``: ``forward``'s value."""

@@ -4,9 +4,9 @@ Every term of the loss is a sum over feature positions once a few whole-image qu
 loss's Gram matrices and the patch loss's matches. So an evaluation makes two passes over the tiles:
 
 1. without autograd: each tile adds its positions' part to the Gram matrices and matches its patches;
-2. with autograd, tile by tile: each term restricted to the positions the tile owns (the Gram term as
-   <dL/dG, the tile's part of G>, dL/dG taken at the whole image's G), backward into the tile's crop, and the
-   crop's gradient added to the image's.
+2. with autograd, tile by tile: each term restricted to the positions the tile owns (for a Gram term, the
+   gradient of <dL/dG, the tile's part of G>, dL/dG taken at the whole image's G), backward into the tile's crop,
+   and the crop's gradient added to the image's.
 
 Each tile owns a block of the canvas; its crop reaches beyond the block by the receptive field of the deepest
 layer in use (its halo) and starts on a multiple of that layer's stride, so the activations at the positions it
@@ -31,7 +31,7 @@ small halos. ``memory.plan_level`` picks the shallowest split that fits (the fas
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -211,8 +211,57 @@ class _Recorded:
 
     tile: Tile
     crop: Tensor
-    features: dict[str, Tensor]  # the shallow layers' owned positions, as the losses see them
-    deep: list[Tensor]  # with a split: the split layer's owned positions
+    features: dict[str, Tensor]  # the shallow layers' activations, as the losses see them
+    deep: list[Tensor]  # with a split: the split layer's activation
+
+
+class _Seeds:
+    """What a tile's backward pass starts from: values to differentiate, and gradients at the owned positions of
+    activations, each given as a function computing it.
+
+    Those are written into one gradient the size of the activation, in its layout, when the backward pass reaches
+    the activation (``_WindowGradient``), so no more of them is held at once than differentiating a slice of the
+    activation would. The slice would cost more: autograd writes a slice's gradient into zeros of the default
+    layout, a transposing copy of a tile-sized map per term on a channels-last CPU or CUDA pass."""
+
+    def __init__(self) -> None:
+        self.values: list[Tensor] = []
+        self.windows: dict[int, tuple[Tensor, list[tuple[tuple[slice, slice], Callable[[], Tensor]]]]] = {}
+
+    def add(self, value: Tensor) -> None:
+        self.values.append(value)
+
+    def add_window(self, activation: Tensor, local: tuple[slice, slice], gradient: Callable[[], Tensor]) -> None:
+        self.windows.setdefault(id(activation), (activation, []))[1].append((local, gradient))
+
+    def backward(self) -> bool:
+        """Runs the backward pass; False when there was nothing to differentiate."""
+        roots = [
+            *self.values,
+            *(_WindowGradient.apply(activation, parts) for activation, parts in self.windows.values()),
+        ]
+        if roots:
+            torch.autograd.backward(roots)
+        return bool(roots)
+
+
+class _WindowGradient(torch.autograd.Function):
+    """A root of the backward pass that gives ``activation`` the sum of ``parts``' gradients, each at its window
+    (positions of the activation), computed when the backward pass reaches it. Its value is zero: the terms'
+    values are known (the Gram terms' from the first pass), only their gradients are needed."""
+
+    @staticmethod
+    def forward(ctx, activation: Tensor, parts: list[tuple[tuple[slice, slice], Callable[[], Tensor]]]) -> Tensor:
+        ctx.parts, ctx.like = parts, activation.detach()
+        return activation.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _: Tensor) -> tuple[Tensor, None]:
+        grad = torch.zeros_like(ctx.like)
+        with float32_region(grad.device):
+            for local, gradient in ctx.parts:
+                grad[..., local[0], local[1]] += gradient()
+        return grad, None
 
 
 def _splittable(criterion: Criterion, split: str) -> bool:
@@ -282,38 +331,36 @@ class TiledCriterion:
         layers = [*self.head] if self.split is None else [*self.head, self.split]
         tiles = self.plan.tiles if recorded is None else [recorded.tile, *self.plan.tiles[:-1]]
         for tile in tiles:
-            roots: list[Tensor] = []  # what the tile's backward pass starts from, with its gradient (None: 1)
-            seeds: list[Tensor | None] = []
+            seeds = _Seeds()
             if recorded is not None and tile is recorded.tile:
                 crop, features = recorded.crop, recorded.features
-                roots = [pull for name in features for pull in self._pulls(tile, name, features, slopes, values)]
-                seeds = [None] * len(roots)
+                for name in features:
+                    self._pulls(tile, name, features, slopes, values, seeds)
                 if deep_grad is not None and recorded.deep:
-                    roots.append(recorded.deep[0])
-                    seeds.append(deep_grad[(..., *self.plan.local(tile, self.split)[1])])
+                    local, window = self.plan.local(tile, self.split)
+                    seeds.add_window(
+                        recorded.deep[0], local, lambda window=window: deep_grad[..., window[0], window[1]]
+                    )
                 recorded = None
             else:
                 crop = image.detach()[..., tile.crop[0], tile.crop[1]].requires_grad_(True)
                 features = {}
 
-                def evaluate(name: str, activation: Tensor, tile=tile, features=features, roots=roots, seeds=seeds):
+                def evaluate(name: str, activation: Tensor, tile=tile, features=features, seeds=seeds):
                     if name == self.split and deep_grad is not None:
                         # the deep layers' gradient, at the positions the tile owns
-                        roots.append(self._window(tile, name, activation))
-                        seeds.append(deep_grad[(..., *self.plan.local(tile, name)[1])])
+                        local, window = self.plan.local(tile, name)
+                        seeds.add_window(activation, local, lambda window=window: deep_grad[..., window[0], window[1]])
                     if name not in self.head:
                         return
-                    features[name] = self._window(tile, name, scale.for_losses(activation))
-                    pulls = self._pulls(tile, name, features, slopes, values)
-                    roots.extend(pulls)
-                    seeds.extend([None] * len(pulls))
+                    features[name] = scale.for_losses(activation)
+                    self._pulls(tile, name, features, slopes, values, seeds)
 
                 with autocast(self.vgg.device, criterion.half_dtype):
                     self.vgg(scale.unscale_at(crop), layers, on_layer=evaluate)
-            if roots:
-                torch.autograd.backward(roots, seeds)
+            if seeds.backward():
                 grad[..., tile.crop[0], tile.crop[1]] += crop.grad
-            del features, roots, seeds
+            del features, seeds
             if scale.largest is not None:
                 largest = scale.largest if largest is None else torch.maximum(largest, scale.largest)
         scale.largest = largest
@@ -335,27 +382,34 @@ class TiledCriterion:
         features: dict[str, Tensor],
         slopes: dict[int, dict[str, Tensor]],
         values: dict[str, Tensor],
-    ) -> list[Tensor]:
-        """The weighted terms due at layer ``name`` restricted to ``tile``'s positions, to differentiate; the
-        content and patch terms' shares are added to ``values`` (the Gram terms' values come from the first
-        pass). A Gram term is <dL/dG, the tile's part of G>, whose gradient is the Gram loss's on these positions."""
-        pulls = []
+        seeds: _Seeds,
+    ) -> None:
+        """The weighted terms due at layer ``name`` restricted to ``tile``'s positions, added to what the tile's
+        backward pass starts from (``features``: the crop's activations as the losses see them). A content or patch
+        term: its value, to differentiate (its share added to ``values``). A Gram term (its value came from the first
+        pass): the gradient of <dL/dG, the tile's part of G> at its features, computed directly; it is the Gram
+        loss's gradient on these positions."""
         for kind, weight, module in self.criterion.due.get(name, ()):
             with float32_region(self.vgg.device):
                 if isinstance(module, GramLoss):
-                    pull = sum(
-                        (slopes[id(module)][layer] * self._gram_part(module, layer, features[layer], tile)).sum()
-                        for layer in module.layers
-                    )
+                    for layer in module.layers:
+                        local, window = self.plan.local(tile, layer)
+                        owned = features[layer].detach()[..., local[0], local[1]]
+                        shape, slope = feature_shape(self.canvas, layer), slopes[id(module)][layer]
+
+                        def gradient(weight=weight, module=module, arguments=(layer, owned, window, shape, slope)):
+                            return weight * module.part_grad(*arguments)
+
+                        seeds.add_window(features[layer], local, gradient)
+                    continue
+                window = self.plan.local(tile, name)[1]
+                owned = self._window(tile, name, features[name])
+                if isinstance(module, ContentLoss):
+                    pull = module.part(owned, window)
                 else:
-                    window = self.plan.local(tile, name)[1]
-                    if isinstance(module, ContentLoss):
-                        pull = module.part(features[name], window)
-                    else:
-                        pull = module.part(features[name], window, feature_shape(self.canvas, name))
-                    values[kind] = values[kind] + weight * pull.detach()
-            pulls.append(weight * pull)
-        return pulls
+                    pull = module.part(owned, window, feature_shape(self.canvas, name))
+                values[kind] = values[kind] + weight * pull.detach()
+            seeds.add(weight * pull)
 
     def _gram_part(self, module: GramLoss, layer: str, features: Tensor, tile: Tile) -> Tensor:
         return module.part(layer, features, self.plan.local(tile, layer)[1], feature_shape(self.canvas, layer))
@@ -389,9 +443,9 @@ class TiledCriterion:
                     name: str, activation: Tensor, tile: Tile = tile, features=features, record=record, kept=split_part
                 ) -> None:
                     if record and name in self.head:
-                        features[name] = self._window(tile, name, scale.for_losses(activation))
+                        features[name] = scale.for_losses(activation)
                     if record and name == split:
-                        kept.append(self._window(tile, name, activation))
+                        kept.append(activation)
                     if name not in layers:
                         return
                     if name == split:

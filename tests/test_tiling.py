@@ -14,7 +14,7 @@ from helpers import smooth_image, tiny_vgg
 
 from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, memory
 from fusion_core.criterion import build_criterion
-from fusion_core.functional import gram_matrix, gram_part
+from fusion_core.functional import gram_matrix, gram_part, gram_part_grad
 from fusion_core.geometry import feature_shape
 from fusion_core.memory import MIN_TILE, estimate_bytes, plan_level, split_candidates, tiled_bytes
 from fusion_core.stylize import stylize
@@ -355,6 +355,26 @@ def test_a_gram_of_a_tile_window_equals_the_gram_of_its_copy_with_the_same_gradi
         (expected_grad,) = torch.autograd.grad((expected * slope).sum(), copy)
         torch.testing.assert_close(grad[..., 2:9, 3:12], expected_grad)
         assert grad[..., :2, :].abs().max() == 0  # nothing outside the window
+
+
+@pytest.mark.parametrize("layout", ["window of a channels-last map", "channels-last", "contiguous"])
+def test_the_gradient_of_a_gram_part_equals_autograds(layout):
+    """What the second pass seeds a Gram term with: the gradient of <slope, gram_part(F)>, computed directly,
+    against autograd through gram_part, in every layout gram_part takes, with and without weights."""
+    whole = torch.randn(1, 6, 11, 13, dtype=torch.float64)
+    if layout == "window of a channels-last map":
+        features = whole.contiguous(memory_format=torch.channels_last)[..., 2:9, 3:12]
+    elif layout == "channels-last":
+        features = whole.contiguous(memory_format=torch.channels_last)
+    else:
+        features = whole
+    slope = torch.randn(1, 6, 6, dtype=torch.float64)  # not symmetric: dL/dG of a sum need not be
+    for square in (None, torch.rand(1, 1, *features.shape[-2:], dtype=torch.float64)):
+        leaf = features.detach().requires_grad_(True)
+        (expected,) = torch.autograd.grad((gram_part(leaf, square, 0.1) * slope).sum(), leaf)
+        found = gram_part_grad(features, square, 0.1, slope)
+        torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-12)
+        assert found.stride(1) == features.stride(1) or found.shape[1] == 1  # in the features' layout
 
 
 def test_a_tiled_run_with_every_control_gives_the_untiled_image(net):
