@@ -72,7 +72,18 @@ def test_comfyignore_leaves_out_what_only_developers_need(path):
 
 
 @pytest.mark.parametrize(
-    "path", [ICON, "__init__.py", "nodes/optimize.py", "fusion_core/stylize.py", "pyproject.toml", "README.md"]
+    "path",
+    [
+        ICON,
+        "__init__.py",
+        "nodes/optimize.py",
+        "fusion_core/stylize.py",
+        "web/template_order.js",
+        "locales/en/main.json",
+        "workflows/1_basic.json",
+        "pyproject.toml",
+        "README.md",
+    ],
 )
 def test_comfyignore_keeps_the_pack(path):
     assert (ROOT / path).exists() and not ignored(path)
