@@ -15,8 +15,8 @@ holds one tile's activations at a time; only the image-sized vectors, the target
 matrices stay whole. Style and content images are run through the network in tiles too (``tiled_maps``).
 
 The price of exactness: dL/dG depends on every tile, so no tile's backward pass can start before every tile has
-been through the network once. Run so, an evaluation runs the network forward twice, plus the halos: ~1.5x an
-untiled iteration's time per pixel on our CPU (BENCHMARKS.md). A cheaper scheme (Gram matrices from the previous
+been through the network once. Run so, an evaluation runs the tiled layers forward twice, plus the halos
+(BENCHMARKS.md has what that costs). A cheaper scheme (Gram matrices from the previous
 evaluation, or naive tiles) would change the loss, the result and, with naive tiles, leave seams.
 
 Much of that price is paid in the deep layers, which hold little memory: a sixteenth of the pixels or fewer, but
@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -212,56 +213,74 @@ class _Recorded:
     tile: Tile
     crop: Tensor
     features: dict[str, Tensor]  # the shallow layers' activations, as the losses see them
-    deep: list[Tensor]  # with a split: the split layer's activation
+    seeds: _Seeds  # its Gram terms' and (with a split) the deep layers' gradients, made during its forward pass
 
 
 class _Seeds:
     """What a tile's backward pass starts from: values to differentiate, and gradients at the owned positions of
     activations, each given as a function computing it.
 
-    Those are written into one gradient the size of the activation, in its layout, when the backward pass reaches
-    the activation (``_WindowGradient``), so no more of them is held at once than differentiating a slice of the
-    activation would. The slice would cost more: autograd writes a slice's gradient into zeros of the default
-    layout, a transposing copy of a tile-sized map per term on a channels-last CPU or CUDA pass."""
+    A gradient is written into zeros the size of the activation, in its layout, when the backward pass reaches the
+    activation: ``add_window`` is called as the forward pass makes the activation, so its node (``_WindowGradient``)
+    comes after the activation's in autograd's order, which runs the latest-made ready node first. So no more is held
+    at once than differentiating a slice of the activation would hold. The slice would cost more: autograd writes a
+    slice's gradient into zeros of the default layout, a transposing copy of a tile-sized map per term on a
+    channels-last CPU or CUDA pass."""
 
     def __init__(self) -> None:
-        self.values: list[Tensor] = []
-        self.windows: dict[int, tuple[Tensor, list[tuple[tuple[slice, slice], Callable[[], Tensor]]]]] = {}
+        self.roots: list[Tensor] = []
 
     def add(self, value: Tensor) -> None:
-        self.values.append(value)
+        self.roots.append(value)
 
-    def add_window(self, activation: Tensor, local: tuple[slice, slice], gradient: Callable[[], Tensor]) -> None:
-        self.windows.setdefault(id(activation), (activation, []))[1].append((local, gradient))
+    def add_window(self, activation: Tensor, local: tuple[slice, slice], gradient: Callable[[], Tensor | None]) -> None:
+        self.roots.append(_WindowGradient.apply(activation, local, gradient))
 
     def backward(self) -> bool:
         """Runs the backward pass; False when there was nothing to differentiate."""
-        roots = [
-            *self.values,
-            *(_WindowGradient.apply(activation, parts) for activation, parts in self.windows.values()),
-        ]
-        if roots:
-            torch.autograd.backward(roots)
-        return bool(roots)
+        if self.roots:
+            torch.autograd.backward(self.roots)
+        return bool(self.roots)
 
 
 class _WindowGradient(torch.autograd.Function):
-    """A root of the backward pass that gives ``activation`` the sum of ``parts``' gradients, each at its window
-    (positions of the activation), computed when the backward pass reaches it. Its value is zero: the terms'
-    values are known (the Gram terms' from the first pass), only their gradients are needed."""
+    """A root of the backward pass that gives ``activation`` the gradient ``gradient()`` at the positions ``local``,
+    computed when the backward pass reaches it. Its value is zero: the term's value is known (a Gram term's from the
+    first pass), only its gradient is needed."""
 
     @staticmethod
-    def forward(ctx, activation: Tensor, parts: list[tuple[tuple[slice, slice], Callable[[], Tensor]]]) -> Tensor:
-        ctx.parts, ctx.like = parts, activation.detach()
+    def forward(ctx, activation: Tensor, local: tuple[slice, slice], gradient: Callable[[], Tensor | None]) -> Tensor:
+        ctx.local, ctx.gradient, ctx.like = local, gradient, activation.detach()
         return activation.new_zeros(())
 
     @staticmethod
-    def backward(ctx, _: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, _: Tensor) -> tuple[Tensor, None, None]:
         grad = torch.zeros_like(ctx.like)
         with float32_region(grad.device):
-            for local, gradient in ctx.parts:
-                grad[..., local[0], local[1]] += gradient()
-        return grad, None
+            window = ctx.gradient()
+        if window is not None:
+            grad[..., ctx.local[0], ctx.local[1]] = window
+        return grad, None, None
+
+
+def _gram_gradient(
+    module: GramLoss,
+    weight: float,
+    layer: str,
+    owned: Tensor,
+    window: tuple[slice, slice],
+    shape: tuple[int, int],
+    slopes: dict[int, dict[str, Tensor]],
+) -> Tensor:
+    """A Gram term's gradient at ``owned``, the positions ``window`` of ``layer``'s map of ``shape``, from its slope
+    in ``slopes`` (filled at the end of the first pass)."""
+    return weight * module.part_grad(layer, owned, window, shape, slopes[id(module)][layer])
+
+
+def _split_gradient(deep: list[Tensor], window: tuple[slice, slice]) -> Tensor | None:
+    """The deep layers' gradient at ``window`` of the split layer's map (``deep[0]``), once their pass has run."""
+    grad = deep[0].grad if deep else None
+    return None if grad is None else grad[..., window[0], window[1]]
 
 
 def _splittable(criterion: Criterion, split: str) -> bool:
@@ -302,6 +321,7 @@ class TiledCriterion:
         patches = [(m.layer, m.patch_size, m.stride) for m in in_head if isinstance(m, PatchLoss)]
         self.plan = TilePlan(names, canvas, tile_layers(names, criterion.layers, patches, split), tile)
         self.grams = [module for module in in_head if isinstance(module, GramLoss)]
+        self.gram_weights = {id(module): weight for _, weight, module in criterion.terms if module in self.grams}
         self.patches = [module for module in in_head if isinstance(module, PatchLoss)]
 
     @property
@@ -331,20 +351,14 @@ class TiledCriterion:
         layers = [*self.head] if self.split is None else [*self.head, self.split]
         tiles = self.plan.tiles if recorded is None else [recorded.tile, *self.plan.tiles[:-1]]
         for tile in tiles:
-            seeds = _Seeds()
             if recorded is not None and tile is recorded.tile:
-                crop, features = recorded.crop, recorded.features
+                crop, features, seeds = recorded.crop, recorded.features, recorded.seeds
                 for name in features:
-                    self._pulls(tile, name, features, slopes, values, seeds)
-                if deep_grad is not None and recorded.deep:
-                    local, window = self.plan.local(tile, self.split)
-                    seeds.add_window(
-                        recorded.deep[0], local, lambda window=window: deep_grad[..., window[0], window[1]]
-                    )
+                    self._pulls(tile, name, features, values, seeds)
                 recorded = None
             else:
                 crop = image.detach()[..., tile.crop[0], tile.crop[1]].requires_grad_(True)
-                features = {}
+                features, seeds = {}, _Seeds()
 
                 def evaluate(name: str, activation: Tensor, tile=tile, features=features, seeds=seeds):
                     if name == self.split and deep_grad is not None:
@@ -354,7 +368,8 @@ class TiledCriterion:
                     if name not in self.head:
                         return
                     features[name] = scale.for_losses(activation)
-                    self._pulls(tile, name, features, slopes, values, seeds)
+                    self._gram_gradients(tile, name, features, slopes, seeds)
+                    self._pulls(tile, name, features, values, seeds)
 
                 with autocast(self.vgg.device, criterion.half_dtype):
                     self.vgg(scale.unscale_at(crop), layers, on_layer=evaluate)
@@ -375,33 +390,35 @@ class TiledCriterion:
         local, _ = self.plan.local(tile, layer)
         return activation[..., local[0], local[1]]
 
+    def _gram_gradients(
+        self, tile: Tile, name: str, features: dict[str, Tensor], slopes: dict[int, dict[str, Tensor]], seeds: _Seeds
+    ) -> None:
+        """The Gram terms' gradients at layer ``name``'s positions that ``tile`` owns: each that of <dL/dG, the tile's
+        part of G>, the Gram loss's gradient on these positions, computed directly (their values came from the first
+        pass). ``features``: the crop's activations as the losses see them."""
+        local, window = self.plan.local(tile, name)
+        owned = features[name].detach()[..., local[0], local[1]]
+        shape = feature_shape(self.canvas, name)
+        for module in self.grams:
+            if name in module.layers:
+                weight = self.gram_weights[id(module)]
+                gradient = partial(_gram_gradient, module, weight, name, owned, window, shape, slopes)
+                seeds.add_window(features[name], local, gradient)
+
     def _pulls(
         self,
         tile: Tile,
         name: str,
         features: dict[str, Tensor],
-        slopes: dict[int, dict[str, Tensor]],
         values: dict[str, Tensor],
         seeds: _Seeds,
     ) -> None:
-        """The weighted terms due at layer ``name`` restricted to ``tile``'s positions, added to what the tile's
-        backward pass starts from (``features``: the crop's activations as the losses see them). A content or patch
-        term: its value, to differentiate (its share added to ``values``). A Gram term (its value came from the first
-        pass): the gradient of <dL/dG, the tile's part of G> at its features, computed directly; it is the Gram
-        loss's gradient on these positions."""
+        """The content and patch terms due at layer ``name`` restricted to ``tile``'s positions, added to what the
+        tile's backward pass starts from, and their shares to ``values``."""
         for kind, weight, module in self.criterion.due.get(name, ()):
+            if isinstance(module, GramLoss):
+                continue  # _gram_gradients
             with float32_region(self.vgg.device):
-                if isinstance(module, GramLoss):
-                    for layer in module.layers:
-                        local, window = self.plan.local(tile, layer)
-                        owned = features[layer].detach()[..., local[0], local[1]]
-                        shape, slope = feature_shape(self.canvas, layer), slopes[id(module)][layer]
-
-                        def gradient(weight=weight, module=module, arguments=(layer, owned, window, shape, slope)):
-                            return weight * module.part_grad(*arguments)
-
-                        seeds.add_window(features[layer], local, gradient)
-                    continue
                 window = self.plan.local(tile, name)[1]
                 owned = self._window(tile, name, features[name])
                 if isinstance(module, ContentLoss):
@@ -431,21 +448,26 @@ class TiledCriterion:
             layers.add(split)
         sums: dict[tuple[int, str], Tensor] = {}
         deep: list[Tensor] = []
+        slopes: dict[int, dict[str, Tensor]] = {}  # filled at the end
         recorded = None
         if layers:
             for i, tile in enumerate(plan.tiles):
                 record = i == len(plan.tiles) - 1
                 crop = image[..., tile.crop[0], tile.crop[1]]
                 features: dict[str, Tensor] = {}
-                split_part: list[Tensor] = []
+                seeds = _Seeds()
 
                 def collect(
-                    name: str, activation: Tensor, tile: Tile = tile, features=features, record=record, kept=split_part
+                    name: str, activation: Tensor, tile: Tile = tile, features=features, record=record, seeds=seeds
                 ) -> None:
+                    # The recorded tile's gradients are made as its activations are (_Seeds says why); they are
+                    # computed in the second pass, from the slopes and the deep layers' gradient known by then.
                     if record and name in self.head:
                         features[name] = scale.for_losses(activation)
+                        self._gram_gradients(tile, name, features, slopes, seeds)
                     if record and name == split:
-                        kept.append(activation)
+                        local, window = plan.local(tile, name)
+                        seeds.add_window(activation, local, partial(_split_gradient, deep, window))
                     if name not in layers:
                         return
                     if name == split:
@@ -469,13 +491,13 @@ class TiledCriterion:
                     if record:
                         crop = crop.requires_grad_(True)
                         self.vgg(scale.unscale_at(crop), self.head | layers, on_layer=collect)
-                        recorded = _Recorded(tile, crop, features, split_part)
+                        recorded = _Recorded(tile, crop, features, seeds)
                     else:
                         self.vgg(crop, sorted(layers), on_layer=collect)
         if rematch:
             for module in self.patches:
                 module.finish_tiled_match()
-        values, slopes = {}, {}
+        values = {}
         with torch.enable_grad(), float32_region(device):
             for module in self.grams:
                 grams = {layer: sums[(id(module), layer)].detach().requires_grad_(True) for layer in module.layers}
