@@ -40,41 +40,53 @@ def gram_part(features: Tensor, square_weight: Tensor | None, scale: float | Ten
 
     The Gram matrix of a whole map is one such part with scale 1 / sum(v); the parts of the tiles of a map, each
     with the whole map's scale, add up to it (tiling.py)."""
-    b, _, h, w = features.shape
-    if torch.is_tensor(scale) and scale.dim() == 4:
-        scale = scale.reshape(b, 1, 1)
-    if b == 1 and features.stride(1) == 1 and memory_format_of(features) == torch.contiguous_format:
-        # A window of a channels-last map (a tile's positions): each row of positions is contiguous, the window
-        # is not, and flattening it would copy it whole. Taken row by row instead.
-        # squeeze, not [0]: both are views, but a selection's backward pass writes its gradient into zeros
-        rows = features.squeeze(0).permute(1, 2, 0)  # (h, w, C), a view
-        weight = None if square_weight is None else square_weight.squeeze(0).permute(1, 2, 0).to(features.dtype)
-        return _RowGram.apply(rows, weight, scale)
-    flat = channels_by_positions(features)
-    weight = None if square_weight is None else square_weight.reshape(b, 1, h * w).to(features.dtype)
+    scale = _batch_scale(scale, features.shape[0])
+    rows = _window_rows(features, square_weight)
+    if rows is not None:
+        return _RowGram.apply(*rows, scale)
+    flat, weight = _flat_positions(features, square_weight)
     return _Gram.apply(flat, weight, scale)
 
 
 def gram_part_grad(features: Tensor, square_weight: Tensor | None, scale: float | Tensor, slope: Tensor) -> Tensor:
     """The gradient of <slope, gram_part(features, square_weight, scale)> with respect to ``features``, in their
-    layout: (slope + slope^T) applied to each position's channels, weighted and scaled. It is what autograd
-    computes through ``gram_part``, without the part itself, which the tiled evaluation's second pass does not
-    need (tiling.py: it has the Gram matrices from the first)."""
+    layout: what autograd computes through ``gram_part`` (``_RowGram`` / ``_Gram``'s backward), without the part
+    itself, which the tiled evaluation's second pass does not need (tiling.py: it has the Gram matrices from the
+    first)."""
     b, c, h, w = features.shape
-    if torch.is_tensor(scale) and scale.dim() == 4:
-        scale = scale.reshape(b, 1, 1)
-    symmetric = (slope + slope.transpose(-1, -2)).to(features.dtype).reshape(-1, c, c) * scale
-    if b == 1 and features.stride(1) == 1 and memory_format_of(features) == torch.contiguous_format:
-        rows = features.squeeze(0).permute(1, 2, 0)  # a window of a channels-last map, as gram_part takes it
-        if square_weight is not None:
-            rows = rows * square_weight.squeeze(0).permute(1, 2, 0).to(features.dtype)
-        return torch.matmul(rows, symmetric[0]).permute(2, 0, 1).unsqueeze(0)
-    flat = channels_by_positions(features)
-    if square_weight is not None:
-        flat = flat * square_weight.reshape(b, 1, h * w).to(features.dtype)
-    if flat.stride(-1) == 1:
-        return (symmetric @ flat).reshape(b, c, h, w)
-    return (flat.transpose(1, 2) @ symmetric).reshape(b, h, w, c).permute(0, 3, 1, 2)  # positions-last, as F is
+    scale = _batch_scale(scale, b)
+    rows = _window_rows(features, square_weight)
+    if rows is not None:
+        return _RowGram.grad(*rows, scale, slope.to(features.dtype)).permute(2, 0, 1).unsqueeze(0)
+    flat, weight = _flat_positions(features, square_weight)
+    grad = _Gram.grad(flat, weight, scale, slope.to(features.dtype).reshape(-1, c, c))
+    if grad.stride(-1) == 1:
+        return grad.reshape(b, c, h, w)
+    return grad.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)  # positions-last, as F is
+
+
+def _batch_scale(scale: float | Tensor, b: int) -> float | Tensor:
+    return scale.reshape(b, 1, 1) if torch.is_tensor(scale) and scale.dim() == 4 else scale
+
+
+def _window_rows(features: Tensor, square_weight: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
+    """A window of a channels-last map (a tile's positions) as rows (h, w, C) of positions and weights (h, w, 1),
+    views; None for any other map. Each row of such a window is contiguous, the window is not, and flattening it
+    would copy it whole. (squeeze, not [0]: a selection's backward pass writes its gradient into zeros.)"""
+    if not (features.shape[0] == 1 and features.stride(1) == 1):
+        return None
+    if memory_format_of(features) != torch.contiguous_format:
+        return None
+    rows = features.squeeze(0).permute(1, 2, 0)
+    weight = None if square_weight is None else square_weight.squeeze(0).permute(1, 2, 0).to(features.dtype)
+    return rows, weight
+
+
+def _flat_positions(features: Tensor, square_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(B, C, H * W) views of the map and (B, 1, H * W) weights."""
+    b, _, h, w = features.shape
+    weight = None if square_weight is None else square_weight.reshape(b, 1, h * w).to(features.dtype)
+    return channels_by_positions(features), weight
 
 
 def memory_format_of(features: Tensor) -> torch.memory_format:
@@ -109,12 +121,16 @@ class _Gram(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        flat, weight = ctx.saved_tensors
+        return _Gram.grad(*ctx.saved_tensors, ctx.scale, grad), None, None
+
+    @staticmethod
+    def grad(flat: Tensor, weight: Tensor | None, scale: float | Tensor, grad: Tensor) -> Tensor:
+        """dL/dF from dL/dG = ``grad``, in F's layout."""
         weighted = flat if weight is None else flat * weight
-        symmetric = (grad + grad.transpose(1, 2)) * ctx.scale
+        symmetric = (grad + grad.transpose(1, 2)) * scale
         if flat.stride(-1) == 1:
-            return symmetric @ weighted, None, None
-        return (weighted.transpose(1, 2) @ symmetric).transpose(1, 2), None, None  # positions-last, as F is
+            return symmetric @ weighted
+        return (weighted.transpose(1, 2) @ symmetric).transpose(1, 2)  # positions-last, as F is
 
 
 class _RowGram(torch.autograd.Function):
@@ -130,10 +146,14 @@ class _RowGram(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        rows, weight = ctx.saved_tensors
+        return _RowGram.grad(*ctx.saved_tensors, ctx.scale, grad), None, None
+
+    @staticmethod
+    def grad(rows: Tensor, weight: Tensor | None, scale: float | Tensor, grad: Tensor) -> Tensor:
+        """dL/dX (R, N, C) from dL/dG = ``grad``, positions-last as X is."""
         weighted = rows if weight is None else rows * weight
-        symmetric = ((grad + grad.transpose(1, 2)) * ctx.scale).reshape(grad.shape[-2:])
-        return torch.matmul(weighted, symmetric), None, None
+        symmetric = ((grad + grad.transpose(-1, -2)) * scale).reshape(grad.shape[-2:])
+        return torch.matmul(weighted, symmetric)
 
 
 def gram_loss(features: Tensor, target_gram: Tensor, mask: Tensor | None = None) -> Tensor:

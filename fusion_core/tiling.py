@@ -334,12 +334,12 @@ class TiledCriterion:
         rematch = rematch or any(module.indices is None for module in self.patches)
         image.grad = None  # the last evaluation's: an image-sized vector
         known, slopes, recorded, deep = self._first_pass(image.detach(), rematch)
-        deep_values, deep_grad, largest = {}, None, None
+        deep_values, largest = {}, None
         if deep is not None:  # the layers after the split, whole, as the untiled criterion evaluates them
             deep.requires_grad_(True)
             deep_values = criterion(deep, rematch=rematch, after=self.split)
             deep_values.pop("total").backward()
-            deep_grad, largest = deep.grad, self.gradient_scale.largest
+            largest = self.gradient_scale.largest
         values: dict[str, Tensor] = {}
         for name in self.vgg.names:  # the untiled criterion's order of terms
             for kind, weight, module in criterion.due.get(name, ()):
@@ -361,10 +361,9 @@ class TiledCriterion:
                 features, seeds = {}, _Seeds()
 
                 def evaluate(name: str, activation: Tensor, tile=tile, features=features, seeds=seeds):
-                    if name == self.split and deep_grad is not None:
-                        # the deep layers' gradient, at the positions the tile owns
+                    if name == self.split:  # the deep layers' gradient, at the positions the tile owns
                         local, window = self.plan.local(tile, name)
-                        seeds.add_window(activation, local, lambda window=window: deep_grad[..., window[0], window[1]])
+                        seeds.add_window(activation, local, partial(_split_gradient, [deep], window))
                     if name not in self.head:
                         return
                     features[name] = scale.for_losses(activation)
