@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
+from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, save_image  # noqa: E402
 from fusion_core.criterion import build_criterion  # noqa: E402
 from fusion_core.geometry import fit_longest, style_shape  # noqa: E402
 from fusion_core.images import resize  # noqa: E402
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-exact-above", type=int, default=None, help="skip the exact search above this size")
     parser.add_argument("--run-size", type=int, default=512, help="size of the whole default run (0: skip it)")
+    parser.add_argument("--save", default=None, help="write the whole run's image here (to look at it)")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else best_device()
     vgg = load_vgg(args.weights).to(device)
@@ -140,10 +141,12 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         synchronize(device)
         start = time.perf_counter()
-        stylize(vgg, content, [GlobalStyle(style), LocalStyle(style)], Settings(size=args.run_size))
+        image = stylize(vgg, content, [GlobalStyle(style), LocalStyle(style)], Settings(size=args.run_size))
         synchronize(device)
         result["run_s"] = round(time.perf_counter() - start, 2)
         result["run_size"] = args.run_size
+        if args.save:
+            save_image(image.cpu(), args.save)
     result["peak_mb"] = round(peak_mb(device))
     print(json.dumps(result))
 

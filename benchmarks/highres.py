@@ -47,7 +47,7 @@ DEFAULT_CASES = [
 ]
 
 
-def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) -> dict:
+def run_case(case: str, weights: str, iterations: int, memory_gb: float | None, device_name: str = "cpu") -> dict:
     """One case, in this process."""
     import torch
 
@@ -92,8 +92,14 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) 
         return planned[-1]
 
     stylize_module.plan_level = recording_plan_level
-    vgg = load_vgg(weights)
-    content, style = load_image(CONTENT), load_image(STYLE)
+    device = torch.device(device_name)
+    if device.type == "cuda" and memory_gb is not None and mode != "whole":
+        # A card of that size: the allocator refuses more, so cuDNN takes algorithms whose workspace fits (on a
+        # large card it takes gigabytes of workspace because they are free), and a plan that did not fit fails.
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gb * 2**30 / total), device.index or 0)
+    vgg = load_vgg(weights).to(device)
+    content, style = load_image(CONTENT).to(device), load_image(STYLE).to(device)
     content = resize(content, _fit(content.shape[-2:], size))
     style = resize(style, _fit(style.shape[-2:], size))
     settings = Settings(size=size, levels=1, iterations=100, tile=tile, history_size=history)
@@ -113,7 +119,7 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) 
                 q_rows, q_cols = canvas.shape[-2] // 4 - 2, canvas.shape[-1] // 4 - 2
                 rows = torch.arange(q_rows)[:, None] * s_rows // q_rows
                 cols = torch.arange(q_cols)[None, :] * s_cols // q_cols
-                module.indices = (rows * s_cols + cols).flatten()
+                module.indices = (rows * s_cols + cols).flatten().to(device)
                 pool = [
                     (rows + dy).clamp(0, s_rows - 1) * s_cols + (cols + dx).clamp(0, s_cols - 1)
                     for dy in (-2, 2)
@@ -121,16 +127,18 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) 
                     if (dy, dx) != (0, 0)
                 ]
                 pool += [(rows * s_cols + (cols + dx).clamp(0, s_cols - 1)) for dx in (-2, 2)]
-                search.pool = torch.stack([p.flatten() for p in pool], 1)
+                search.pool = torch.stack([p.flatten() for p in pool], 1).to(device)
                 module._search, search.matches = search, 1
                 plan["search"], plan["canvas"] = search, tuple(canvas.shape[-2:])
-        marks.append(time.perf_counter())
+        marks.append(_clock(device))
 
     def on_progress(p) -> None:
-        marks.append(time.perf_counter())
+        marks.append(_clock(device))
         plan.update(tiles=p.tiles, history=p.history)
 
-    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = _clock(device)
     with contextlib.suppress(Cancelled):  # after ``iterations`` iterations
         stylize(
             vgg,
@@ -141,7 +149,10 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) 
             on_level=on_level,
             should_stop=lambda: len(marks) > iterations,
         )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":  # the GPU's own peak: what torch allocated there (the host's is not the limit)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     propagation = sum(steps[:2]) / len(steps[:2])  # the seeded search's first two matches are propagations
     canvas = plan["canvas"]
@@ -162,6 +173,15 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None) 
     return result
 
 
+def _clock(device) -> float:
+    """Wall time, after the device's queued work (a GPU runs ahead of the host)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _fit(shape, longest: int) -> tuple[int, int]:
     h, w = int(shape[0]), int(shape[1])
     scale = longest / max(h, w)
@@ -174,13 +194,14 @@ def main() -> None:
     parser.add_argument("--weights", default=str(SHARED_WEIGHTS))
     parser.add_argument("--iterations", type=int, default=3, help="iterations timed per case (2 at 4096 px)")
     parser.add_argument("--memory-gb", type=float, default=None, help="memory the auto cases plan for")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak: resident memory, or torch's on the GPU)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one, args.weights, args.iterations, args.memory_gb)), flush=True)
+        print(json.dumps(run_case(args.one, args.weights, args.iterations, args.memory_gb, args.device)), flush=True)
         return
     for case in args.cases:
-        command = [sys.executable, __file__, "--one", case, "--weights", args.weights]
+        command = [sys.executable, __file__, "--one", case, "--weights", args.weights, "--device", args.device]
         command += ["--iterations", str(min(2, args.iterations) if case.startswith("4096") else args.iterations)]
         if args.memory_gb is not None:
             command += ["--memory-gb", str(args.memory_gb)]

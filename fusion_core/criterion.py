@@ -19,7 +19,7 @@ from .functional import gram_matrix, patch_weights
 from .geometry import feature_shape, style_shape, with_margin
 from .images import mirror_pad, resize, resize_mask
 from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
-from .precision import GradientScale, autocast, float32_region, mixed_dtype
+from .precision import GradientScale, autocast, float32_region, full_float32, mixed_dtype
 from .tiling import tiled_maps
 from .vgg import VGGFeatures
 
@@ -64,7 +64,8 @@ class Criterion:
                     values[kind] = values.get(kind, 0.0) + weight * module(features)
 
         layers = self.layers if after is None else self.layers_after(after)
-        with autocast(device, self.half_dtype):  # the VGG pass and the patch search only
+        # the VGG pass and the patch search only in 16 bits; the rest in float32 on every device (precision.py)
+        with full_float32(self.half_dtype is None), autocast(device, self.half_dtype):
             if after is not None:
                 scale.largest = None  # the pass does not start at the image: its gradient stays scaled
                 self.vgg(image, layers, on_layer=evaluate, after=after)
@@ -85,7 +86,8 @@ class Criterion:
         (``tiling.TiledCriterion.evaluate`` does the same tile by tile)."""
         image.grad = None
         values = self(image, rematch=rematch)
-        values["total"].backward()
+        with full_float32(self.half_dtype is None):
+            values["total"].backward()
         return {name: value.detach() for name, value in values.items()}
 
 
@@ -134,7 +136,7 @@ def build_criterion(
             return mask
         return F.pad(resize_mask(mask, shape)[None, None], (margin,) * 4, mode="replicate")[0, 0]
 
-    with torch.no_grad():
+    with torch.no_grad(), full_float32(mixed_dtype(device, settings.mixed_precision) is None):
         terms: list[Term] = []
         map_cache: dict[tuple[int, float], dict[str, Tensor]] = {}
 

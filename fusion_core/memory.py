@@ -203,6 +203,7 @@ class LevelPlan:
     split: str | None = None
 
 
+MARGIN = 0.9  # the share of the free memory a plan uses: the estimate is an estimate, and others allocate too
 MIN_HISTORY = 5  # the automatic choice shrinks the tiles before the L-BFGS history below this
 SPLIT_TILE = 768  # the largest automatic tile when the deep layers run whole (larger ones were no faster)
 
@@ -230,7 +231,7 @@ def plan_level(
     history shrinks, down to 1, with the smallest tiles."""
     available = available_bytes(vgg.device) if available is None else available
     wanted = settings.history_size if settings.optimizer == "lbfgs" else 0
-    budget = None if available is None else 0.9 * available
+    budget = None if available is None else MARGIN * available
     splits = [*split_candidates(vgg, _layers(styles, settings)), None]
 
     def history_for(tile: int, split: str | None = None) -> int:
@@ -318,11 +319,12 @@ def _refuse(
     tile: int,
 ) -> None:
     needed = tiled_bytes(vgg, shape, styles, settings, tile, 1 if settings.optimizer == "lbfgs" else 0)
-    fits = max(64, int(settings.size * math.sqrt(0.9 * available / needed)) // 64 * 64)
+    fits = max(64, int(settings.size * math.sqrt(MARGIN * available / needed)) // 64 * 64)
     advice = f"use a smaller size (about {fits} px would fit)"
     if settings.optimizer == "lbfgs":
         advice += " or optimizer 'adam'"
     raise FusionError(
-        f"size: an output of {shape[1]}x{shape[0]} px needs about {needed / 2**30:.1f} GiB even in tiles of {tile} px, "
-        f"but only {available / 2**30:.1f} GiB is free on {vgg.device}; {advice}"
+        f"size: an output of {shape[1]}x{shape[0]} px needs about {needed / 2**30:.2f} GiB even in tiles of {tile} px, "
+        f"but only {available / 2**30:.2f} GiB is free on {vgg.device}, and plans keep {1 - MARGIN:.0%} of it spare "
+        f"({MARGIN * available / 2**30:.2f} GiB usable); {advice}"
     )

@@ -11,12 +11,16 @@ The loss gradients reaching the activations are tiny and shrink as the image gro
 positions), so in float16 most would underflow. ``GradientScale`` multiplies them on entering the 16-bit
 backward pass and divides them again at the image; the factor follows the gradients' size (see its docstring),
 and the caller checks that the image gradient is finite before every optimiser step.
+
+What stays float32 is float32 on CUDA too: ``full_float32`` keeps TF32 (which cuDNN uses for float32
+convolutions by default, and hosts often allow for matrix products) out of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -74,6 +78,50 @@ def float32_region(device: torch.device):
     if not _has_autocast(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
+
+
+def _cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
+def _tf32_switches() -> list[tuple[object, str, object]]:
+    """(object, attribute, float32 value) of the switches that let CUDA round float32 work to TF32: matrix
+    products, then convolutions.
+
+    torch >= 2.9 has ``fp32_precision`` settings beside the older ``allow_tf32`` flags, and raises when code reads
+    an old flag after the new setting was used ("mix of the legacy and new APIs"); the new settings can be read
+    whichever way the host set them, so they are used wherever they exist."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
+    return [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+
+
+@contextlib.contextmanager
+def full_float32(convolutions: bool) -> Iterator[None]:
+    """A region where float32 matrix products on CUDA, and with ``convolutions`` float32 convolutions too, are
+    computed in float32, whatever the host application set.
+
+    Host applications often switch TF32 (10 mantissa bits, float16's precision) on for matrix products, and
+    cuDNN runs float32 convolutions in TF32 by default. Our Gram matrices, losses and exact scores are float32
+    on every path, so matrix products are always held to float32. Convolutions are where the float32 path
+    (mixed precision off, or a device without it) asks for them: in TF32 that path would be no more precise
+    than the 16-bit one. With mixed precision on, the network runs in float16 and the float32 convolutions
+    left (the fast search's projection, the patch norms) work on float16 activations, so TF32 loses nothing
+    there and is left to the host. The switches are global: set on entering, restored on leaving; they concern
+    CUDA only."""
+    if not _cuda_present():
+        yield
+        return
+    switches = _tf32_switches()[: 2 if convolutions else 1]
+    saved = [getattr(owner, name) for owner, name, _ in switches]
+    try:
+        for owner, name, value in switches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name, _), value in zip(switches, saved, strict=True):
+            setattr(owner, name, value)
 
 
 def accumulation_dtype(device: torch.device) -> torch.dtype:

@@ -22,6 +22,7 @@ from .geometry import border_margin, feature_shape, level_shapes, style_shape, w
 from .images import check_image, check_mask, mirror_pad, resize, resize_mask
 from .lbfgs import LBFGS
 from .memory import check_memory, plan_level
+from .precision import full_float32, mixed_dtype
 from .tiling import TiledCriterion
 from .vgg import VGGFeatures
 
@@ -47,7 +48,9 @@ def stylize(
     Works inside ``torch.inference_mode()`` / ``no_grad`` (it re-enables autograd for itself).
     """
     settings = settings or Settings()
-    with torch.inference_mode(False), torch.enable_grad():
+    # what stays float32 is computed in float32 on CUDA too, whatever the host set (precision.py)
+    float32_path = mixed_dtype(vgg.device, settings.mixed_precision) is None
+    with torch.inference_mode(False), torch.enable_grad(), full_float32(float32_path):
         _make_autograd_ready(vgg)
         content, styles = _checked_inputs(vgg, content, styles, settings)
         shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)

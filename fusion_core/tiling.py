@@ -43,7 +43,7 @@ from .errors import FusionError
 from .functional import gram_part
 from .geometry import feature_shape
 from .losses import ContentLoss, GramLoss, PatchLoss
-from .precision import autocast, float32_region, memory_format
+from .precision import autocast, float32_region, full_float32, memory_format
 from .vgg import VGGFeatures
 
 if TYPE_CHECKING:
@@ -330,6 +330,10 @@ class TiledCriterion:
 
     def evaluate(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
         """The weighted terms by kind and their "total" (detached), with ``image.grad`` set to the total's gradient."""
+        with full_float32(self.criterion.half_dtype is None):  # as the untiled evaluation (precision.py)
+            return self._evaluate(image, rematch=rematch)
+
+    def _evaluate(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
         criterion, scale = self.criterion, self.gradient_scale
         rematch = rematch or any(module.indices is None for module in self.patches)
         image.grad = None  # the last evaluation's: an image-sized vector

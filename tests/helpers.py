@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from fusion_core import random_vgg
@@ -17,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TRAINED_VGG16 = SHARED / "models" / "vgg16_hed_caffe_fp16.safetensors"
 IMAGES = SHARED / "images"
+# The trained network and the paintings of ../shared (the tests on real pictures skip where either is missing).
+SHARED_DATA = pytest.mark.skipif(
+    not (TRAINED_VGG16.is_file() and IMAGES.is_dir()), reason=f"no trained VGG16 and images in {SHARED}"
+)
 PACK = "fusion_style"  # the name the node pack is imported under in the tests
 
 

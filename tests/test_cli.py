@@ -91,6 +91,8 @@ def test_several_styles_masks_and_controls_give_the_library_result(files):
         "exact",
         "--rematch-every",
         "2",
+        "--device",  # the library call below runs on the CPU; "auto" would take a GPU where there is one
+        "cpu",
         "--quiet",
     ]
     assert run(files, *args, "--out", str(out)) == 0

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import IMAGES, TRAINED_VGG16, smooth_image
+from helpers import IMAGES, SHARED_DATA, TRAINED_VGG16, smooth_image
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg
 from fusion_core.colour import colour_map, colour_statistics, match_histogram, recolour, rgb_to_yiq
@@ -174,7 +174,7 @@ def test_adam_and_total_variation(vgg, content, style):
     assert out.min() >= 0 and out.max() <= 1
 
 
-@pytest.mark.skipif(not TRAINED_VGG16.is_file(), reason=f"trained VGG16 not found at {TRAINED_VGG16}")
+@SHARED_DATA
 def test_two_styles_in_two_regions_follow_their_own_style():
     vgg = load_vgg(TRAINED_VGG16)
     content = load_image(IMAGES / "chelsea.png")

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import IMAGES, TRAINED_VGG16, smooth_image, tiny_vgg
+from helpers import IMAGES, SHARED_DATA, TRAINED_VGG16, smooth_image, tiny_vgg
 
 import fusion_core.stylize as stylize_module
 from fusion_core import Cancelled, FusionError, GlobalStyle, LocalStyle, Settings, lean_backward, load_image, load_vgg
@@ -260,7 +260,7 @@ def test_load_image_errors(tmp_path):
 # --- the trained network -----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not TRAINED_VGG16.is_file(), reason=f"trained VGG16 not found at {TRAINED_VGG16}")
+@SHARED_DATA
 def test_end_to_end_with_the_trained_vgg16():
     vgg = load_vgg(TRAINED_VGG16)
     content = load_image(IMAGES / "chelsea.png")

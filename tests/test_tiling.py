@@ -305,8 +305,8 @@ def test_a_run_that_cannot_fit_even_in_tiles_is_refused_with_the_estimate_and_a_
     styles = [GlobalStyle(style), LocalStyle(style)]
     with pytest.raises(
         FusionError,
-        match=r"size: an output of 4224x4224 px needs about .* GiB even in tiles of \d+ px, but only 1.0 GiB is "
-        r"free.*about \d+ px would fit",
+        match=r"size: an output of 4224x4224 px needs about .* GiB even in tiles of \d+ px, but only 1.00 GiB is "
+        r"free on cpu, and plans keep 10% of it spare \(0.90 GiB usable\); use a smaller size \(about \d+ px would fit",
     ):
         plan_level(vgg, (4224, 4224), styles, Settings(size=4096), available=2**30)
 
