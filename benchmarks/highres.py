@@ -19,6 +19,10 @@ A case is SIZE:whole (evaluated whole), SIZE:tile=PX (tiles of at most PX px) or
 (default 20) and :split=LAYER (the deep layers whole after that pooling layer; none: every layer in tiles;
 default: the plan's choice).
 4096 px cases run two iterations (a full search there takes about 16x the 2048 px one).
+
+``--device cuda`` runs the cases on a GPU: the peak is then what torch allocated there
+(``torch.cuda.max_memory_allocated``), and an auto=GB case caps the process at GB
+(``torch.cuda.set_per_process_memory_fraction``), as a card of that size would.
 """
 
 from __future__ import annotations

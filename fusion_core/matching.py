@@ -255,7 +255,6 @@ class ProjectedSearch:
         if s_band >= TOPK_GROUP:
             s_band -= s_band % TOPK_GROUP  # whole groups for ``_top_candidates``; the last band may be shorter
         q_band = max(1, self.max_scores // s_band)
-        best_index = torch.empty(n_query, dtype=torch.long, device=query.device)
         pool = []
         for q_start in range(0, n_query, q_band):
             q = projected[q_start : q_start + q_band]
@@ -269,13 +268,11 @@ class ProjectedSearch:
                     keep = score.topk(self.candidates, dim=1, sorted=False).indices
                     score, index = score.gather(1, keep), index.gather(1, keep)
                 top_score, top_index = score, index
-            candidates = self.eligible[top_index]
-            pool.append(candidates)
-            if previous is not None:
-                candidates = torch.cat([candidates, previous[q_start : q_start + q.shape[0], None]], 1)
-            best_index[q_start : q_start + q.shape[0]] = self._best_of(query_rows, q_shape, q_start, candidates)
+            pool.append(self.eligible[top_index])
         self.pool = torch.cat(pool)
-        return best_index
+        candidates = self.pool if previous is None else torch.cat([self.pool, previous[:, None]], 1)
+        # One re-ranking for all bands: its gather buffers are allocated once, not once per band.
+        return self._best_of(query_rows, q_shape, 0, candidates)
 
     def _best_of(self, query_rows: Tensor, q_shape: tuple[int, int], q_start: int, candidates: Tensor) -> Tensor:
         """Of each row of ``candidates`` (n, k), for the query patches q_start .. q_start + n - 1, the one with

@@ -14,8 +14,11 @@ PyTorch's caching allocator holds but no tensor uses (after other ComfyUI work t
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -296,6 +299,46 @@ def available_bytes(device: torch.device) -> int | None:
         except OSError:
             return None
     return None
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+RETURNED_BLOCK = 8 << 20  # blocks of this size and larger are mapped from the system in ``freed_memory_returned``
+_GLIBC_LARGEST_THRESHOLD = 32 << 20  # the largest value glibc's own adjustment gives the threshold (64-bit)
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None (another C library, another system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already uses
+    except OSError:
+        return None
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return None
+    return libc.mallopt
+
+
+@contextlib.contextmanager
+def freed_memory_returned(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """A region where the process's C allocator gives the blocks of RETURNED_BLOCK and more back to the system as
+    soon as they are freed (on a CPU under Linux with glibc; elsewhere nothing changes).
+
+    A tiled level on a CPU allocates and frees activations and gradients of many sizes, tile after tile. glibc
+    serves blocks below a threshold that it raises up to 32 MB from its heaps, and keeps what is freed there
+    for reuse: the process's resident memory then grows by hundreds of MB more than the tensors alive at any
+    moment, and the memory plan, which counts tensors, is exceeded. Mapping those blocks from the system costs
+    their page faults again at each allocation, which a tiled level's large blocks pay anyway. The setting is
+    the process's: on leaving, the threshold is set to the largest value glibc's own adjustment gives it."""
+    mallopt = _mallopt() if enabled and device.type == "cpu" else None
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, RETURNED_BLOCK)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _GLIBC_LARGEST_THRESHOLD)
 
 
 def check_memory(

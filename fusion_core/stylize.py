@@ -21,7 +21,7 @@ from .errors import Cancelled, FusionError
 from .geometry import border_margin, feature_shape, level_shapes, style_shape, with_margin
 from .images import check_image, check_mask, mirror_pad, resize, resize_mask
 from .lbfgs import LBFGS
-from .memory import check_memory, plan_level
+from .memory import check_memory, freed_memory_returned, plan_level
 from .precision import full_float32, mixed_dtype
 from .tiling import TiledCriterion
 from .vgg import VGGFeatures
@@ -64,27 +64,30 @@ def stylize(
             margin = border_margin(shape)
             level_styles = styles_at_level(styles, settings, shape, last=level == len(shapes) - 1)
             plan = plan_level(vgg, with_margin(shape, margin), level_styles, settings)
-            criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin, tile=plan.tile)
-            evaluator: Criterion | TiledCriterion = criterion
-            if plan.tile:
-                tiled = TiledCriterion(criterion, with_margin(shape, margin), plan.tile, plan.split)
-                evaluator = tiled if tiled.tiles > 1 else criterion  # one tile is the whole canvas
-            if image is None:
-                image = random_image(shape, settings.seed, vgg.device) if start is None else resize(start, shape)
-            else:
-                image = carry_up(image, shape, None if start is None else resize(start, shape))
-            canvas, image = mirror_pad(image, margin), None  # at print sizes every image-sized copy counts
-            if level == len(shapes) - 1:
-                start = None  # the last level has been started
-            if on_level is not None:
-                on_level(level, criterion, canvas)
-            tiles = evaluator.tiles if isinstance(evaluator, TiledCriterion) else 1
-            # A level of n iterations stores at most n - 1 curvature pairs: a longer history would be memory never used.
-            iterations = settings.level_iterations(level)
-            history = min(plan.history, max(1, iterations - 1))
-            report = _reporter(on_progress, settings, level, margin, tiles, history, plan.split if tiles > 1 else None)
-            optimised = _optimise(evaluator, canvas, settings, iterations, history, report, should_stop)
-            image = _inner(optimised, margin)
+            with freed_memory_returned(vgg.device, plan.tile > 0):  # a level in tiles is short of memory
+                criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin, tile=plan.tile)
+                evaluator: Criterion | TiledCriterion = criterion
+                if plan.tile:
+                    tiled = TiledCriterion(criterion, with_margin(shape, margin), plan.tile, plan.split)
+                    evaluator = tiled if tiled.tiles > 1 else criterion  # one tile is the whole canvas
+                if image is None:
+                    image = random_image(shape, settings.seed, vgg.device) if start is None else resize(start, shape)
+                else:
+                    image = carry_up(image, shape, None if start is None else resize(start, shape))
+                canvas, image = mirror_pad(image, margin), None  # at print sizes every image-sized copy counts
+                if level == len(shapes) - 1:
+                    start = None  # the last level has been started
+                if on_level is not None:
+                    on_level(level, criterion, canvas)
+                tiles = evaluator.tiles if isinstance(evaluator, TiledCriterion) else 1
+                # A level of n iterations stores at most n - 1 curvature pairs: a longer history would be memory
+                # never used.
+                iterations = settings.level_iterations(level)
+                history = min(plan.history, max(1, iterations - 1))
+                split = plan.split if tiles > 1 else None
+                report = _reporter(on_progress, settings, level, margin, tiles, history, split)
+                optimised = _optimise(evaluator, canvas, settings, iterations, history, report, should_stop)
+                image = _inner(optimised, margin)
         image = image.clamp(0, 1)
         if settings.color == "luminance":
             image = recombine_chroma(image, resize(content, tuple(image.shape[-2:])))

@@ -1,5 +1,9 @@
 """The memory estimate counts each kind of tensor at its size, and the CUDA check counts PyTorch's cached blocks."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import saved_bytes, smooth_image, tiny_vgg
@@ -50,3 +54,70 @@ def test_cuda_memory_available_counts_the_cached_blocks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
     # 1 GiB the driver has free, and 4 GiB PyTorch holds for reuse that no tensor occupies
     assert memory.available_bytes(torch.device("cuda")) == 5 * gib
+
+
+def _mapped_bytes() -> int:
+    """What glibc's malloc holds in blocks mapped from the system (``mallinfo2().hblkhd``)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+        _fields_ = [(name, ctypes.c_size_t) for name in (*names, "keepcost")]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    return mallinfo2().hblkhd
+
+
+def _has_mallinfo2() -> bool:
+    import ctypes
+
+    return memory._mallopt() is not None and hasattr(ctypes.CDLL(None), "mallinfo2")  # glibc >= 2.33
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="not Linux with glibc >= 2.33: the allocator setting does not apply")
+def test_in_a_tiled_level_freed_blocks_go_back_to_the_system():
+    # In a fresh process: glibc reuses a free heap chunk that fits before it asks the system for memory, and this
+    # process's heap holds what earlier tests freed.
+    script = f"""
+import sys
+sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
+import torch
+from test_memory import _mapped_bytes
+from fusion_core import memory
+size = 2 * memory.RETURNED_BLOCK  # below the 32 MB up to which glibc serves blocks from its heaps
+warm = torch.ones((30 << 20) // 4)
+del warm  # freeing a mapped block raises glibc's own threshold to its size: as in a process that has been working
+with memory.freed_memory_returned(torch.device("cpu")):
+    before = _mapped_bytes()
+    block = torch.ones(size // 4)
+    assert _mapped_bytes() >= before + size, "not mapped from the system"
+    del block
+    assert _mapped_bytes() == before, "not unmapped when freed"
+before = _mapped_bytes()
+block = torch.ones(size // 4)
+assert _mapped_bytes() == before, "still mapped after the level"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_allocator_setting_is_for_cpu_tiled_levels_and_is_set_back(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda: lambda option, value: calls.append((option, value)) or 1)
+    for device, enabled in (("cuda", True), ("mps", True), ("cpu", False)):
+        with memory.freed_memory_returned(torch.device(device), enabled):
+            pass
+    assert calls == []
+    with pytest.raises(KeyError), memory.freed_memory_returned(torch.device("cpu")):
+        assert calls == [(memory._M_MMAP_THRESHOLD, memory.RETURNED_BLOCK)]
+        raise KeyError("set back on errors too")
+    assert calls[-1] == (memory._M_MMAP_THRESHOLD, memory._GLIBC_LARGEST_THRESHOLD)
+    calls.clear()
+    import fusion_core.stylize as stylize_module
+
+    content, style = smooth_image(61, 77, seed=1), smooth_image(54, 83, seed=2)
+    styles = [GlobalStyle(style, layers=("relu1_1", "relu2_1", "relu3_1")), LocalStyle(style)]
+    for tile in (0, 50):
+        stylize_module.stylize(tiny_vgg(), content, styles, Settings(size=77, levels=2, iterations=1, tile=tile))
+        assert len(calls) == (4 if tile else 0), calls  # each level in tiles, entered and left
