@@ -272,13 +272,13 @@ class ProjectedSearch:
         self.pool = torch.cat(pool)
         candidates = self.pool if previous is None else torch.cat([self.pool, previous[:, None]], 1)
         # One re-ranking for all bands: its gather buffers are allocated once, not once per band.
-        return self._best_of(query_rows, q_shape, 0, candidates)
+        return self._best_of(query_rows, q_shape, candidates)
 
-    def _best_of(self, query_rows: Tensor, q_shape: tuple[int, int], q_start: int, candidates: Tensor) -> Tensor:
-        """Of each row of ``candidates`` (n, k), for the query patches q_start .. q_start + n - 1, the one with
-        the best exact score; of equal scores the lowest style index, as the exact search does."""
+    def _best_of(self, query_rows: Tensor, q_shape: tuple[int, int], candidates: Tensor) -> Tensor:
+        """Of each row of ``candidates`` (n, k), one per query patch, the one with the best exact score; of equal
+        scores the lowest style index, as the exact search does."""
         with precision.float32_region(query_rows.device):
-            q_index = torch.arange(q_start, q_start + candidates.shape[0], device=query_rows.device)
+            q_index = torch.arange(candidates.shape[0], device=query_rows.device)
             exact = _patch_dots(
                 query_rows,
                 q_shape,
@@ -329,7 +329,7 @@ class ProjectedSearch:
             pool = self.pool if pool is None else pool
             if pool is not None and pool.shape[0] == candidates.shape[0]:
                 candidates = torch.cat([candidates, pool], 1)
-            return self._best_of(positions_last(query), q_shape, 0, candidates)  # chunked in _patch_dots
+            return self._best_of(positions_last(query), q_shape, candidates)  # chunked in _patch_dots
 
 
 def _top_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
