@@ -48,11 +48,13 @@ class LBFGS:
         grad = self.param.grad.reshape(-1)
         if self._memory is None:
             # Rows: history_size + 1 slots for y and s each (one spare, written before it is accepted), then
-            # the direction d, the previous gradient and the two-loop's q.
+            # the direction d (the two-loop's q too) and the previous gradient. Zeros, not empty: the pages are
+            # taken now rather than a history pair per step, so a run without the memory for its history stops
+            # here and not minutes later, and the first steps use the memory every later one does.
             slots = self.history_size + 1
-            self._memory = grad.new_empty(2 * slots + 3, grad.numel())
+            self._memory = grad.new_zeros(2 * slots + 2, grad.numel())
             self._y, self._s = self._memory[:slots], self._memory[slots : 2 * slots]
-            self._d, self._previous, self._q = self._memory[2 * slots :]
+            self._d, self._previous = self._memory[2 * slots :]
         gsum = grad.abs().sum()
         if self.steps == 0:
             return torch.stack([gsum.new_zeros(()), gsum.new_zeros(()), gsum])
@@ -84,12 +86,12 @@ class LBFGS:
                 self.h_diag = ys / yy
             else:
                 self.rejected += 1
-            q = torch.neg(grad, out=self._q)
+            q = torch.neg(grad, out=d)  # the two-loop's q, in d's row: this step's s was taken from d already
             al: list[Tensor] = [grad] * len(self.pairs)  # placeholders, each set before it is read
             for i in range(len(self.pairs) - 1, -1, -1):
                 al[i] = self._s[self.pairs[i]].dot(q) * self.ro[i]
                 q.addcmul_(self._y[self.pairs[i]], al[i], value=-1)
-            torch.mul(q, self.h_diag, out=d)
+            d.mul_(self.h_diag)
             for i in range(len(self.pairs)):
                 be_i = self._y[self.pairs[i]].dot(d) * self.ro[i]
                 d.addcmul_(self._s[self.pairs[i]], al[i] - be_i)

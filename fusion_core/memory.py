@@ -86,8 +86,8 @@ def _layers(styles: Sequence[StyleTerm], settings: Settings) -> set[str]:
 
 def _vectors(settings: Settings, history: int) -> int:
     """Image-sized float32 vectors the optimiser holds, with the image and its gradient."""
-    # L-BFGS: history + 1 pairs of (y, s), direction, previous gradient, q; plus image and gradient. Adam: 2 moments.
-    return 2 * (history + 1) + 5 if settings.optimizer == "lbfgs" else 4
+    # L-BFGS: history + 1 pairs of (y, s), direction, previous gradient; plus image and gradient. Adam: 2 moments.
+    return 2 * (history + 1) + 4 if settings.optimizer == "lbfgs" else 4
 
 
 def estimate_bytes(
@@ -324,12 +324,13 @@ def freed_memory_returned(device: torch.device, enabled: bool = True) -> Iterato
     """A region where the process's C allocator gives the blocks of RETURNED_BLOCK and more back to the system as
     soon as they are freed (on a CPU under Linux with glibc; elsewhere nothing changes).
 
-    A tiled level on a CPU allocates and frees activations and gradients of many sizes, tile after tile. glibc
-    serves blocks below a threshold that it raises up to 32 MB from its heaps, and keeps what is freed there
-    for reuse: the process's resident memory then grows by hundreds of MB more than the tensors alive at any
-    moment, and the memory plan, which counts tensors, is exceeded. Mapping those blocks from the system costs
-    their page faults again at each allocation, which a tiled level's large blocks pay anyway. The setting is
-    the process's: on leaving, the threshold is set to the largest value glibc's own adjustment gives it."""
+    A tiled level on a CPU allocates and frees activations and gradients of many sizes, tile after tile and
+    pass after pass. glibc serves blocks below a threshold that it raises up to 32 MB from its heaps, and keeps
+    what is freed there for reuse: the process's resident memory then grows by hundreds of MB more than the
+    tensors alive at any moment (at 2048 px ~0.35 GB, with crops that repeat their sizes, tiling.TilePlan), and
+    the memory plan, which counts tensors, is exceeded. Mapping those blocks from the system costs their page
+    faults again at each allocation, which a tiled level's large blocks pay anyway. The setting is the
+    process's: on leaving, the threshold is set to the largest value glibc's own adjustment gives it."""
     mallopt = _mallopt() if enabled and device.type == "cpu" else None
     if mallopt is None:
         yield

@@ -107,7 +107,8 @@ class TilePlan:
     ``extra`` gives, per layer in use, the positions (before, after) around the owned ones that must be exact too
     (a patch starting at an owned position reaches ``patch_size - 1`` further; the fast search's propagation
     looks one patch around). Block edges are multiples of the deepest layer's stride, so every layer's positions
-    split between the tiles without overlap."""
+    split between the tiles without overlap. Along each axis every crop but the last has the first's size and the
+    last is no larger (``_split``)."""
 
     def __init__(self, names: list[str], shape: tuple[int, int], extra: dict[str, tuple[int, int]], tile: int) -> None:
         reaches = {layer: layer_reach(names, layer) for layer in extra}
@@ -119,27 +120,42 @@ class TilePlan:
         self.strides = {layer: reach.stride for layer, reach in reaches.items()}
         axes = [self._split(length, tile) for length in shape]
         self.tiles = [
-            Tile((rows, cols), (self._crop(rows, shape[0]), self._crop(cols, shape[1])))
-            for rows in axes[0]
-            for cols in axes[1]
+            Tile((rows, cols), (row_crop, col_crop)) for rows, row_crop in axes[0] for cols, col_crop in axes[1]
         ]
 
-    def _crop(self, block: range, length: int) -> slice:
-        return slice(max(0, block.start - self.before), min(length, block.stop + self.after))
-
-    def _split(self, length: int, tile: int) -> list[range]:
-        """The fewest blocks of ``length`` px whose crops are at most ``tile`` px."""
+    def _split(self, length: int, tile: int) -> list[tuple[range, slice]]:
+        """The fewest blocks of ``length`` px, with their crops, whose crops are at most ``tile`` px. Every crop
+        but the last has the first's width and the last is no wider, so the blocks one tile's passes free hold
+        the next tile's activations and gradients: crops of varying sizes (blocks cut evenly, each with its own
+        halo) left the C allocator's heap with holes too small for the next tile, hundreds of MB at 2048 px. The
+        edge blocks are the wider by the halo they lack on one side; the positions computed are those of blocks
+        plus halos, give or take the stride per crop."""
         for count in range(1, length // self.align + 2):
-            cuts = sorted({0, length, *(round(k * length / count / self.align) * self.align for k in range(1, count))})
-            blocks = [range(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
-            crops = [self._crop(block, length) for block in blocks]
-            if max(crop.stop - crop.start for crop in crops) <= tile:
-                return blocks
+            width = min(length, -(-(length + (count - 1) * (self.before + self.after)) // count))  # the narrowest
+            while width <= min(tile, length):
+                split = self._crops(length, width)
+                if split is not None and len(split) <= count:
+                    return split
+                width += 1
         smallest = self.align + self.before + self.after
         raise FusionError(
             f"tile: {tile} px is too small for the layers in use; give at least {smallest} px (their receptive "
             "field around one block), or 0 for automatic"
         )
+
+    def _crops(self, length: int, width: int) -> list[tuple[range, slice]] | None:
+        """Blocks of ``length`` px, each with its crop, from the start on: each crop ``width`` px (the last up to
+        the end), each block as long as its crop covers it with its halo; None where ``width`` is too small to
+        make progress."""
+        split, edge, start = [], 0, 0
+        while start + width < length:
+            stop = (start + width - self.after) // self.align * self.align  # a multiple of the stride
+            if stop <= edge or stop < self.before:
+                return None
+            split.append((range(edge, stop), slice(start, start + width)))
+            edge, start = stop, stop - self.before
+        split.append((range(edge, length), slice(start, length)))
+        return split
 
     def owned(self, tile: Tile, layer: str) -> tuple[range, range]:
         """The positions of ``layer`` (rows, cols, whole-map coordinates) that ``tile`` owns."""

@@ -1,5 +1,8 @@
 """Our L-BFGS takes exactly the steps of torch.optim.LBFGS as the optimiser uses it, with one host transfer."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,7 +92,23 @@ def test_memory_is_allocated_once():
     for _ in range(12):
         ours_step(optimizer, closure)
     assert optimizer._memory.data_ptr() == memory
-    assert optimizer._memory.shape == (2 * 5 + 3, 64)
+    assert optimizer._memory.shape == (2 * 5 + 2, 64)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from Linux's /proc")
+def test_the_whole_history_is_resident_from_the_first_step():
+    """A run short of memory for its history fails at the first step, not after ``history_size`` steps: the
+    buffer's pages are taken when it is allocated (an empty buffer would take them a history pair per step)."""
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    x = torch.randn(1 << 21, requires_grad=True)  # 8 MB: the buffer is 12 rows, 96 MB
+    optimizer = LBFGS(x, history_size=5)
+    x.grad = torch.ones_like(x)
+    before = resident()
+    optimizer.step(optimizer.scalars().tolist())
+    assert resident() - before >= 0.9 * optimizer._memory.numel() * optimizer._memory.element_size()
 
 
 def test_a_step_reads_nothing_from_the_device_but_its_scalars(monkeypatch):

@@ -108,6 +108,39 @@ def test_tiles_cover_every_position_of_every_layer_once(net):
         assert (count == 1).all()
 
 
+def _even_split(plan: TilePlan, length: int, tile: int) -> int:
+    """The fewest blocks for cutting ``length`` px evenly (edges rounded to the stride) with crops of at most ``tile``
+    px, each crop its block and its halo: a second way to split, against which the plan's is checked."""
+    for count in range(1, length // plan.align + 2):
+        cuts = sorted({0, length, *(round(k * length / count / plan.align) * plan.align for k in range(1, count))})
+        crops = [
+            min(length, b + plan.after) - max(0, a - plan.before) for a, b in zip(cuts, cuts[1:], strict=False) if b > a
+        ]
+        if max(crops) <= tile:
+            return len(crops)
+    raise AssertionError("no even split fits")
+
+
+@pytest.mark.parametrize("length", [61, 200, 333, 512, 777])
+@pytest.mark.parametrize("tile", [60, 100, 128])
+def test_no_crop_is_larger_than_the_first_and_the_split_costs_no_more_than_an_even_one(net, length, tile):
+    """Every crop but the last has the first's size and the last is no larger, so the blocks a tile's pass frees
+    hold the next tile's (the allocator reuses them instead of growing); each crop covers its block and the halo;
+    no more tiles than an even split, and the crops' total length at most what blocks plus halos need, give or take
+    the stride per crop."""
+    plan = TilePlan(net.names, (length, 16), {"relu1_1": (0, 0), "relu3_1": (1, 3), "pool3": (0, 0)}, tile)
+    split = [(t.block[0], t.crop[0]) for t in plan.tiles]
+    widths = [crop.stop - crop.start for _, crop in split]
+    assert all(width == widths[0] for width in widths[:-1]) and widths[-1] <= widths[0] <= tile
+    for block, crop in split:
+        assert crop.start % plan.align == 0 and block.start % plan.align == 0
+        assert crop.start <= max(0, block.start - plan.before) and crop.stop >= min(length, block.stop + plan.after)
+    assert [b.start for b, _ in split[1:]] == [b.stop for b, _ in split[:-1]] and split[-1][0].stop == length
+    assert len(split) <= _even_split(plan, length, tile)
+    halos = (len(split) - 1) * (plan.before + plan.after)
+    assert sum(widths) <= length + halos + len(split) * plan.align
+
+
 def test_a_tile_too_small_for_the_receptive_field_is_refused_with_the_smallest_that_works(net):
     with pytest.raises(FusionError, match=r"tile: 32 px is too small for the layers in use; give at least \d+ px"):
         TilePlan(net.names, (200, 200), {"relu5_1": (0, 0)}, 32)
