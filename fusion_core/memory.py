@@ -326,11 +326,12 @@ def freed_memory_returned(device: torch.device, enabled: bool = True) -> Iterato
 
     A tiled level on a CPU allocates and frees activations and gradients of many sizes, tile after tile and
     pass after pass. glibc serves blocks below a threshold that it raises up to 32 MB from its heaps, and keeps
-    what is freed there for reuse: the process's resident memory then grows by hundreds of MB more than the
-    tensors alive at any moment (at 2048 px ~0.35 GB, with crops that repeat their sizes, tiling.TilePlan), and
-    the memory plan, which counts tensors, is exceeded. Mapping those blocks from the system costs their page
-    faults again at each allocation, which a tiled level's large blocks pay anyway. The setting is the
-    process's: on leaving, the threshold is set to the largest value glibc's own adjustment gives it."""
+    what is freed there for reuse: even with crops that repeat their sizes (tiling.TilePlan), a backward pass
+    frees and allocates in an order that leaves holes, the process's resident memory grows beyond the tensors
+    alive at any moment, and the memory plan, which counts tensors, is exceeded (figures in BENCHMARKS.md).
+    Mapping those blocks from the system costs their page faults again at each allocation, which a tiled
+    level's large blocks pay anyway. The setting is the process's: on leaving, the threshold is set to the
+    largest value glibc's own adjustment gives it."""
     mallopt = _mallopt() if enabled and device.type == "cpu" else None
     if mallopt is None:
         yield

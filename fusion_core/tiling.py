@@ -127,7 +127,7 @@ class TilePlan:
         """The fewest blocks of ``length`` px, with their crops, whose crops are at most ``tile`` px. Every crop
         but the last has the first's width and the last is no wider, so the blocks one tile's passes free hold
         the next tile's activations and gradients: crops of varying sizes (blocks cut evenly, each with its own
-        halo) left the C allocator's heap with holes too small for the next tile, hundreds of MB at 2048 px. The
+        halo) left the C allocator's heap with holes too small for the next tile (BENCHMARKS.md). The
         edge blocks are the wider by the halo they lack on one side; the positions computed are those of blocks
         plus halos, give or take the stride per crop."""
         for count in range(1, length // self.align + 2):
