@@ -9,16 +9,27 @@ first two iterations are propagations and the third a full search. Reported per 
 history), the level's set-up (style and content through the network, the search's projection), ``iteration_s``
 (the mean of the two propagation iterations: the network, the losses, the optimiser step) and its microseconds
 per canvas pixel, with three iterations ``full_search_s`` (the third's extra) and ``schedule_s`` (the mean of all
-three: what an iteration costs on average), and the process's peak resident memory (torch itself included).
+three: what an iteration costs on average), the process's peak resident memory (torch itself included), and what
+the level's plan was given and counted: ``free_mb`` (the memory free, as the plan saw it) and ``estimate_mb``
+(``memory.estimate_bytes`` or ``memory.tiled_bytes`` for the plan it chose).
 
     PYTHONPATH=. python benchmarks/highres.py                     # the table in BENCHMARKS.md
     PYTHONPATH=. python benchmarks/highres.py --cases 2048:auto=3:history=5 2048:whole
 
 A case is SIZE:whole (evaluated whole), SIZE:tile=PX (tiles of at most PX px) or SIZE:auto=GB (what
-``memory.plan_level`` picks for GB of memory; SIZE:auto: ``--memory-gb``), each with an optional :history=N
+``memory.plan_level`` picks in a process that may hold GB in all: on a CPU it is told GB less what the process
+holds when the level is planned, torch itself included, as the system's count of free memory would leave out what
+is resident; SIZE:auto: ``--memory-gb``), each with an optional :history=N
 (default 20) and :split=LAYER (the deep layers whole after that pooling layer; none: every layer in tiles;
 default: the plan's choice).
 4096 px cases run two iterations (a full search there takes about 16x the 2048 px one).
+
+    PYTHONPATH=. python benchmarks/highres.py --paired 2048:auto=3:history=5 1024:whole:history=5 --iterations 5
+
+``--paired A B`` times two cases in one process, an iteration of each in turn (``--iterations`` rounds, each
+iteration a propagation), and prints per round A's time per pixel over B's, and their median. This machine's speed
+drifts by tens of percent between minutes, which runs in separate processes minutes apart cannot tell from the
+cases' own difference. No peak memory there: the process holds both cases.
 
 ``--device cuda`` runs the cases on a GPU: the peak is then what torch allocated there
 (``torch.cuda.max_memory_allocated``), and an auto=GB case caps the process at GB
@@ -31,8 +42,10 @@ import argparse
 import contextlib
 import json
 import resource
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,8 +64,16 @@ DEFAULT_CASES = [
 ]
 
 
-def run_case(case: str, weights: str, iterations: int, memory_gb: float | None, device_name: str = "cpu") -> dict:
-    """One case, in this process."""
+def run_case(
+    case: str,
+    weights: str,
+    iterations: int,
+    memory_gb: float | None,
+    device_name: str = "cpu",
+    turns: Turns | None = None,
+    side: int = 0,
+) -> dict:
+    """One case, in this process; with ``turns``, as its ``side`` (0 or 1) of a pair taking turns."""
     import torch
 
     from fusion_core import Cancelled, GlobalStyle, LocalStyle, Settings, load_image, load_vgg
@@ -83,17 +104,36 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None, 
     elif mode == "auto" or mode.startswith("auto="):
         memory_gb = float(mode[5:]) if mode.startswith("auto=") else memory_gb
         if memory_gb is not None:
-            memory_module.available_bytes = lambda device: int(memory_gb * 2**30)
+            # What a machine with GB for this process would report free: GB less what the process holds (torch
+            # itself, the network, the images), as the system's figure that ``memory.available_bytes`` reads on a
+            # CPU leaves out what is resident (after it trims the heaps). On a GPU, the cap below does that.
+            def simulated(device, available_bytes=memory_module.available_bytes) -> int:
+                if device.type != "cpu":
+                    return int(memory_gb * 2**30)
+                available_bytes(device)  # trims the heaps, as it would
+                return int(memory_gb * 2**30) - _resident_bytes()
+
+            memory_module.available_bytes = simulated
     else:
         raise SystemExit(f"unknown mode {mode!r} in case {case!r}")
     import fusion_core.stylize as stylize_module
 
     planned = []  # the levels' plans, as stylize receives them
-    plan_level = stylize_module.plan_level
+    plan: dict = {}  # the last level's: what it was planned for, the search, the progress's tiles and history
+    plan_level = memory_module.plan_level  # stylize's, not another case's recording one (``--paired``)
 
-    def recording_plan_level(*args, **kwargs):
-        planned.append(plan_level(*args, **kwargs))
-        return planned[-1]
+    def recording_plan_level(vgg, shape, styles, settings):
+        available = memory_module.available_bytes(vgg.device)
+        planned.append(plan_level(vgg, shape, styles, settings, available))
+        plan["free_mb"] = None if available is None or available >= 1 << 49 else round(available / 2**20)
+        last = planned[-1]
+        estimate = (
+            memory_module.tiled_bytes(vgg, shape, styles, settings, last.tile, last.history, last.split)
+            if last.tile
+            else memory_module.estimate_bytes(vgg, shape, styles, settings, last.history)
+        )
+        plan["estimate_mb"] = round(estimate / 2**20)
+        return last
 
     stylize_module.plan_level = recording_plan_level
     device = torch.device(device_name)
@@ -108,7 +148,6 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None, 
     style = resize(style, _fit(style.shape[-2:], size))
     settings = Settings(size=size, levels=1, iterations=100, tile=tile, history_size=history)
     marks: list[float] = []
-    plan: dict = {}
 
     def on_level(level, criterion, canvas) -> None:
         # The fast search runs a full search (quadratic in the size, the same tiled or not) at every third match
@@ -139,6 +178,19 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None, 
     def on_progress(p) -> None:
         marks.append(_clock(device))
         plan.update(tiles=p.tiles, history=p.history)
+        if turns is not None:
+            turns.end(side, marks[-1])
+
+    def should_stop() -> bool:
+        if turns is None:
+            return len(marks) > iterations
+        if len(marks) > 2 * iterations:  # the level's start, then each turn's start and end
+            turns.leave(side)
+            return True
+        turns.begin(side, planned[-1].tile > 0)
+        plan["search"].matches = 1  # a propagation, as the first two iterations are
+        marks.append(_clock(device))  # the turn's start: the iteration is timed from here
+        return False
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -151,15 +203,26 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None, 
             settings,
             on_progress=on_progress,
             on_level=on_level,
-            should_stop=lambda: len(marks) > iterations,
+            should_stop=should_stop,
         )
     if device.type == "cuda":  # the GPU's own peak: what torch allocated there (the host's is not the limit)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    canvas = plan["canvas"]
+    if turns is not None:  # marks: the level's start, then each turn's start and end
+        steps = [b - a for a, b in zip(marks[1::2], marks[2::2], strict=False)]
+        return {
+            "case": case,
+            "canvas": f"{canvas[1]}x{canvas[0]}",
+            "tiles": plan["tiles"],
+            "history": plan["history"],
+            "split": planned[-1].split,
+            "iterations_s": [round(step, 2) for step in steps],
+            "us_per_px": [round(step / (canvas[0] * canvas[1]) * 1e6, 2) for step in steps],
+        }
     steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     propagation = sum(steps[:2]) / len(steps[:2])  # the seeded search's first two matches are propagations
-    canvas = plan["canvas"]
     result = {
         "case": case,
         "canvas": f"{canvas[1]}x{canvas[0]}",
@@ -170,11 +233,98 @@ def run_case(case: str, weights: str, iterations: int, memory_gb: float | None, 
         "iteration_s": round(propagation, 2),
         "us_per_px": round(propagation / (canvas[0] * canvas[1]) * 1e6, 2),
         "peak_mb": round(peak),
+        "free_mb": plan["free_mb"],
+        "estimate_mb": plan["estimate_mb"],
     }
     if len(steps) >= 3:  # the third match is a full search: the schedule's average, and the search's own cost
         result["full_search_s"] = round(steps[2] - propagation, 1)
         result["schedule_s"] = round(sum(steps[:3]) / 3, 2)
     return result
+
+
+class Turns:
+    """Two cases in one process, in two threads taking turns an iteration at a time (``--paired``): this machine's
+    speed drifts by tens of percent between minutes, so the two sides of each pair run within a minute of each
+    other. Each side sets up in turn before either iterates, and each turn runs under its own allocator regime (a
+    tiled level's, ``memory.freed_memory_returned``, or glibc's own largest threshold), the process's setting."""
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.turn, self.ready, self.left = -1, 0, 0  # -1: setting up
+
+    def begin(self, side: int, tiled: bool) -> None:
+        from fusion_core import memory
+
+        with self.condition:
+            if self.turn == -1 and self.ready <= side:  # the first call: set up; the other side sets up next
+                self.ready += 1
+                self.condition.notify_all()
+            self.condition.wait_for(lambda: self.turn == side)
+        mallopt = memory._mallopt()
+        if mallopt is not None:
+            threshold = memory.RETURNED_BLOCK if tiled else memory._GLIBC_LARGEST_THRESHOLD
+            mallopt(memory._M_MMAP_THRESHOLD, threshold)
+
+    def end(self, side: int, _: float) -> None:
+        with self.condition:
+            self.turn = 1 - side
+            self.condition.notify_all()
+
+    def leave(self, side: int) -> None:
+        with self.condition:
+            self.left += 1
+            self.turn = 1 - side
+            self.condition.notify_all()
+
+    def start(self) -> None:
+        """Called once both sides have set up: the first side iterates."""
+        with self.condition:
+            self.condition.wait_for(lambda: self.ready == 2 or self.left > 0)
+            self.turn = 0
+            self.condition.notify_all()
+
+
+def run_paired(cases: list[str], weights: str, rounds: int, memory_gb: float | None, device_name: str) -> dict:
+    """``rounds`` propagation iterations of each of two cases, taking turns (``Turns``), and per round the first's
+    time per pixel over the second's."""
+    turns, results, errors = Turns(), [None, None], []
+
+    def side(index: int) -> None:
+        try:
+            results[index] = run_case(cases[index], weights, rounds, memory_gb, device_name, turns, index)
+        except BaseException as error:  # reported below; the other side must not wait for it
+            errors.append(error)
+            turns.leave(index)
+            with turns.condition:
+                turns.ready = 2
+                turns.condition.notify_all()
+
+    first = threading.Thread(target=side, args=(0,))
+    first.start()
+    with turns.condition:  # the first side plans its level before the second patches the memory module
+        turns.condition.wait_for(lambda: turns.ready >= 1 or errors)
+    second = threading.Thread(target=side, args=(1,))
+    second.start()
+    turns.start()
+    first.join()
+    second.join()
+    if errors:
+        raise errors[0]
+    ratios = [a / b for a, b in zip(results[0]["us_per_px"], results[1]["us_per_px"], strict=True)]
+    return {
+        "cases": results,
+        "ratios": [round(r, 3) for r in ratios],
+        "median_ratio": round(statistics.median(ratios), 3),
+    }
+
+
+def _resident_bytes() -> int:
+    """The process's resident memory now (Linux), else 0."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def _clock(device) -> float:
@@ -200,7 +350,18 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=None, help="memory the auto cases plan for")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak: resident memory, or torch's on the GPU)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
+    parser.add_argument(
+        "--paired",
+        nargs=2,
+        metavar=("CASE_A", "CASE_B"),
+        help="time two cases in one process, an iteration of each in turn (--iterations rounds, propagations only), "
+        "and print A's time per pixel over B's per round",
+    )
     args = parser.parse_args()
+    if args.paired:
+        result = run_paired(args.paired, args.weights, args.iterations, args.memory_gb, args.device)
+        print(json.dumps(result), flush=True)
+        return
     if args.one:
         print(json.dumps(run_case(args.one, args.weights, args.iterations, args.memory_gb, args.device)), flush=True)
         return

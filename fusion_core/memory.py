@@ -86,8 +86,8 @@ def _layers(styles: Sequence[StyleTerm], settings: Settings) -> set[str]:
 
 def _vectors(settings: Settings, history: int) -> int:
     """Image-sized float32 vectors the optimiser holds, with the image and its gradient."""
-    # L-BFGS: history + 1 pairs of (y, s), direction, previous gradient; plus image and gradient. Adam: 2 moments.
-    return 2 * (history + 1) + 4 if settings.optimizer == "lbfgs" else 4
+    # L-BFGS: history pairs of (y, s), direction, previous gradient; plus image and gradient. Adam: 2 moments.
+    return 2 * history + 4 if settings.optimizer == "lbfgs" else 4
 
 
 def estimate_bytes(
@@ -291,6 +291,7 @@ def available_bytes(device: torch.device) -> int | None:
             return None
         return max(0, int(limit() - torch.mps.current_allocated_memory()))
     if device.type == "cpu":
+        trim_heaps()  # what the process has freed is the run's to use, but glibc keeps it until asked
         try:
             with open("/proc/meminfo") as f:
                 for line in f:
@@ -306,17 +307,33 @@ RETURNED_BLOCK = 8 << 20  # blocks of this size and larger are mapped from the s
 _GLIBC_LARGEST_THRESHOLD = 32 << 20  # the largest value glibc's own adjustment gives the threshold (64-bit)
 
 
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None (another C library, another system)."""
+def _glibc_function(name: str) -> Callable[..., int] | None:
+    """The function ``name`` of glibc, or None (another C library, another system)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)  # the C library this process already uses
     except OSError:
         return None
-    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+    if not hasattr(libc, "gnu_get_libc_version"):
         return None
-    return libc.mallopt
+    return getattr(libc, name, None)
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None."""
+    return _glibc_function("mallopt")
+
+
+def trim_heaps() -> None:
+    """Gives the system the free memory in the C allocator's heaps (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps what a process frees inside its heaps (images decoded and resized, an earlier level's blocks)
+    and returns it only from a heap's top: the system counts it as the process's, not as available, and a plan
+    made then would be needlessly small."""
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 @contextlib.contextmanager

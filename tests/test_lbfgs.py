@@ -77,6 +77,40 @@ def test_stops_at_a_stationary_point():
     assert optimizer.steps == 0 and torch.equal(x.detach(), torch.zeros(3))
 
 
+@pytest.mark.parametrize("flat_steps", [(1,), (6,), (6, 7), (4, 9)])
+def test_same_steps_as_torch_lbfgs_through_stationary_points(flat_steps):
+    # A gradient of exact zeros (a flat spot of the objective, seen at these steps): torch's step returns at once
+    # and changes nothing; the next step goes on with the history and the last direction as they were.
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 3, 5, 4, generator=generator)  # the first test's sizes, whose arithmetic is torch's bit for bit
+    a = torch.randn(x0.shape, generator=generator)
+    b = torch.randn(x0.numel(), generator=generator) * 0.1
+
+    def run_with_flat_steps(make_optimizer):
+        x = x0.clone().requires_grad_(True)
+        optimizer, path, calls = make_optimizer(x), [], []
+
+        def closure():
+            x.grad = None
+            loss = objective(x, a, b)
+            loss.backward()
+            if len(calls) in flat_steps:
+                x.grad.zero_()
+            calls.append(1)
+            return loss
+
+        for _ in range(24):
+            loss = ours_step(optimizer, closure) if isinstance(optimizer, LBFGS) else optimizer.step(closure)
+            path.append(float(loss.detach()))
+        return x.detach(), path
+
+    ours, our_path = run_with_flat_steps(lambda x: LBFGS(x, lr=0.5, history_size=3))
+    theirs, their_path = run_with_flat_steps(torch_lbfgs(0.5, 3))
+    assert our_path == their_path
+    assert torch.equal(ours, theirs)
+    assert their_path[-1] < their_path[0]
+
+
 def test_memory_is_allocated_once():
     x = torch.randn(64, requires_grad=True)
     optimizer = LBFGS(x, history_size=4)
@@ -92,7 +126,7 @@ def test_memory_is_allocated_once():
     for _ in range(12):
         ours_step(optimizer, closure)
     assert optimizer._memory.data_ptr() == memory
-    assert optimizer._memory.shape == (2 * 5 + 2, 64)
+    assert optimizer._memory.shape == (2 * 4 + 2, 64)  # the history's 4 pairs, the previous gradient, d
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from Linux's /proc")
@@ -103,7 +137,7 @@ def test_the_whole_history_is_resident_from_the_first_step():
     def resident() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    x = torch.randn(1 << 21, requires_grad=True)  # 8 MB: the buffer is 12 rows, 96 MB
+    x = torch.randn(1 << 21, requires_grad=True)  # 8 MB: the buffer is 12 rows (history 5), 96 MB
     optimizer = LBFGS(x, history_size=5)
     x.grad = torch.ones_like(x)
     before = resident()

@@ -102,6 +102,37 @@ assert _mapped_bytes() == before, "still mapped after the level"
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.skipif(memory._mallopt() is None, reason="not Linux with glibc: there is no heap to trim")
+def test_what_the_process_freed_in_its_heaps_counts_as_available_on_a_cpu():
+    # In a fresh process: blocks below glibc's threshold come from its heaps; freed between blocks still in use,
+    # they stay the process's (resident) until malloc_trim, which available_bytes runs before it asks the system.
+    script = """
+import sys
+sys.path.insert(0, %r)
+import torch
+from fusion_core import memory
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+warm = torch.ones((30 << 20) // 4)
+del warm  # freeing a mapped block raises glibc's own threshold to its size: 4 MB blocks now come from the heaps
+blocks = [torch.ones((4 << 20) // 4) for _ in range(64)]  # 256 MB, touched
+del blocks[0::2]  # 128 MB freed between blocks still in use: glibc gives back only what is free at a heap's top
+before = resident()
+memory.available_bytes(torch.device("cpu"))
+given_back = before - resident()
+assert given_back >= 100 << 20, given_back
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script % str(Path(__file__).parents[1])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_the_allocator_setting_is_for_cpu_tiled_levels_and_is_set_back(monkeypatch):
     calls = []
     monkeypatch.setattr(memory, "_mallopt", lambda: lambda option, value: calls.append((option, value)) or 1)
