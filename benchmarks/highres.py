@@ -179,7 +179,7 @@ def run_case(
         marks.append(_clock(device))
         plan.update(tiles=p.tiles, history=p.history)
         if turns is not None:
-            turns.end(side, marks[-1])
+            turns.end(side)
 
     def should_stop() -> bool:
         if turns is None:
@@ -250,36 +250,41 @@ class Turns:
 
     def __init__(self) -> None:
         self.condition = threading.Condition()
-        self.turn, self.ready, self.left = -1, 0, 0  # -1: setting up
+        self.turn, self.ready = -1, 0  # turn -1: setting up; ready: the sides set up
+        self.gone = [False, False]  # the sides that stopped (done, or failed)
 
     def begin(self, side: int, tiled: bool) -> None:
         from fusion_core import memory
 
         with self.condition:
-            if self.turn == -1 and self.ready <= side:  # the first call: set up; the other side sets up next
+            if self.turn == -1 and self.ready == side:  # its first call: it has set up, the other side may now
                 self.ready += 1
                 self.condition.notify_all()
-            self.condition.wait_for(lambda: self.turn == side)
+            self.condition.wait_for(lambda: self.turn == side or (self.turn != -1 and self.gone[1 - side]))
         mallopt = memory._mallopt()
         if mallopt is not None:
             threshold = memory.RETURNED_BLOCK if tiled else memory._GLIBC_LARGEST_THRESHOLD
             mallopt(memory._M_MMAP_THRESHOLD, threshold)
 
-    def end(self, side: int, _: float) -> None:
+    def end(self, side: int) -> None:
         with self.condition:
             self.turn = 1 - side
             self.condition.notify_all()
 
     def leave(self, side: int) -> None:
         with self.condition:
-            self.left += 1
+            self.gone[side] = True
             self.turn = 1 - side
             self.condition.notify_all()
 
-    def start(self) -> None:
-        """Called once both sides have set up: the first side iterates."""
+    def wait_ready(self, sides: int) -> None:
         with self.condition:
-            self.condition.wait_for(lambda: self.ready == 2 or self.left > 0)
+            self.condition.wait_for(lambda: self.ready >= sides or any(self.gone))
+
+    def start(self) -> None:
+        """Once both sides have set up (or one has failed): the first side iterates."""
+        self.wait_ready(2)
+        with self.condition:
             self.turn = 0
             self.condition.notify_all()
 
@@ -292,17 +297,13 @@ def run_paired(cases: list[str], weights: str, rounds: int, memory_gb: float | N
     def side(index: int) -> None:
         try:
             results[index] = run_case(cases[index], weights, rounds, memory_gb, device_name, turns, index)
-        except BaseException as error:  # reported below; the other side must not wait for it
+        except BaseException as error:  # reported below; the other side must not wait for this one
             errors.append(error)
             turns.leave(index)
-            with turns.condition:
-                turns.ready = 2
-                turns.condition.notify_all()
 
     first = threading.Thread(target=side, args=(0,))
     first.start()
-    with turns.condition:  # the first side plans its level before the second patches the memory module
-        turns.condition.wait_for(lambda: turns.ready >= 1 or errors)
+    turns.wait_ready(1)  # the first side plans its level before the second patches the memory module
     second = threading.Thread(target=side, args=(1,))
     second.start()
     turns.start()
