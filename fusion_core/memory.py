@@ -9,7 +9,8 @@ layers they use float32. It is deliberately a little generous (at 1024 px it is 
 measured in BENCHMARKS.md).
 
 The memory available is what the device could still give the run: on CUDA the free memory plus the blocks
-PyTorch's caching allocator holds but no tensor uses (after other ComfyUI work those can be gigabytes).
+PyTorch's caching allocator holds but no tensor uses (after other ComfyUI work those can be gigabytes); on a CPU
+the system's available memory, read after the C allocator has given back what the process freed (``trim_heaps``).
 """
 
 from __future__ import annotations

@@ -107,13 +107,13 @@ def test_what_the_process_freed_in_its_heaps_counts_as_available_on_a_cpu():
     # In a fresh process: blocks below glibc's threshold come from its heaps; freed between blocks still in use,
     # they stay the process's (resident) until malloc_trim, which available_bytes runs before it asks the system.
     script = """
-import sys
+import os, sys
 sys.path.insert(0, %r)
 import torch
 from fusion_core import memory
 def resident():
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 warm = torch.ones((30 << 20) // 4)
 del warm  # freeing a mapped block raises glibc's own threshold to its size: 4 MB blocks now come from the heaps
 blocks = [torch.ones((4 << 20) // 4) for _ in range(64)]  # 256 MB, touched
