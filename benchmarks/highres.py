@@ -11,7 +11,7 @@ history), the level's set-up (style and content through the network, the search'
 per canvas pixel, with three iterations ``full_search_s`` (the third's extra) and ``schedule_s`` (the mean of all
 three: what an iteration costs on average), the process's peak resident memory (torch itself included), and what
 the level's plan was given and counted: ``free_mb`` (the memory free, as the plan saw it) and ``estimate_mb``
-(``memory.estimate_bytes`` or ``memory.tiled_bytes`` for the plan it chose).
+(``memory.plan_bytes`` for the plan it chose).
 
     PYTHONPATH=. python benchmarks/highres.py                     # the table in BENCHMARKS.md
     PYTHONPATH=. python benchmarks/highres.py --cases 2048:auto=3:history=5 2048:whole
@@ -126,14 +126,8 @@ def run_case(
         available = memory_module.available_bytes(vgg.device)
         planned.append(plan_level(vgg, shape, styles, settings, available))
         plan["free_mb"] = None if available is None or available >= 1 << 49 else round(available / 2**20)
-        last = planned[-1]
-        estimate = (
-            memory_module.tiled_bytes(vgg, shape, styles, settings, last.tile, last.history, last.split)
-            if last.tile
-            else memory_module.estimate_bytes(vgg, shape, styles, settings, last.history)
-        )
-        plan["estimate_mb"] = round(estimate / 2**20)
-        return last
+        plan["estimate_mb"] = round(memory_module.plan_bytes(vgg, shape, styles, settings, planned[-1]) / 2**20)
+        return planned[-1]
 
     stylize_module.plan_level = recording_plan_level
     device = torch.device(device_name)

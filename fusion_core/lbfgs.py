@@ -81,10 +81,8 @@ class LBFGS:
             return
         grad = self.param.grad.reshape(-1)
         self.steps += 1
-        if self.steps == 1:
-            torch.neg(grad, out=self._memory[self._d])
-            self.h_diag = 1.0
-        else:
+        rows = self._memory
+        if self.steps > 1:
             if ys > 1e-10:  # the pair (y, s) is kept in its rows; the working rows move to free ones
                 if len(self.pairs) == self.history_size:
                     self._free.extend(self.pairs.pop(0))
@@ -95,21 +93,22 @@ class LBFGS:
                 self._previous, self._d = self._free.pop(), self._free.pop()
             else:
                 self.rejected += 1
-            rows = self._memory
-            q = torch.neg(grad, out=rows[self._d])  # the two-loop's q, in d's row
-            d = q
+        # -g: the first step's direction; after it, the two-loop's q, which becomes the direction in the same row
+        d = torch.neg(grad, out=rows[self._d])
+        if self.steps == 1:
+            self.h_diag = 1.0
+        else:
             al: list[Tensor] = [grad] * len(self.pairs)  # placeholders, each set before it is read
             for i in range(len(self.pairs) - 1, -1, -1):
                 y, s = self.pairs[i]
-                al[i] = rows[s].dot(q) * self.ro[i]
-                q.addcmul_(rows[y], al[i], value=-1)
+                al[i] = rows[s].dot(d) * self.ro[i]
+                d.addcmul_(rows[y], al[i], value=-1)
             d.mul_(self.h_diag)
             for i in range(len(self.pairs)):
                 y, s = self.pairs[i]
                 be_i = rows[y].dot(d) * self.ro[i]
                 d.addcmul_(rows[s], al[i] - be_i)
-        d = self._memory[self._d]
-        self._memory[self._previous].copy_(grad)
+        rows[self._previous].copy_(grad)
         self.t = min(1.0, 1.0 / gsum) * self.lr if self.steps == 1 else self.lr
         # Not a descent direction: keep the image (torch's rule with tolerance_change=0), decided on the device.
         length = torch.where(grad.dot(d) > 0, 0.0, self.t)

@@ -207,6 +207,16 @@ class LevelPlan:
     split: str | None = None
 
 
+def plan_bytes(
+    vgg: VGGFeatures, shape: tuple[int, int], styles: Sequence[StyleTerm], settings: Settings, plan: LevelPlan
+) -> int:
+    """Peak bytes for optimising an output of ``shape`` as ``plan`` says: ``estimate_bytes`` whole (tile 0), else
+    ``tiled_bytes``."""
+    if plan.tile == 0:
+        return estimate_bytes(vgg, shape, styles, settings, plan.history)
+    return tiled_bytes(vgg, shape, styles, settings, plan.tile, plan.history, plan.split)
+
+
 MARGIN = 0.9  # the share of the free memory a plan uses: the estimate is an estimate, and others allocate too
 MIN_HISTORY = 5  # the automatic choice shrinks the tiles before the L-BFGS history below this
 SPLIT_TILE = 768  # the largest automatic tile when the deep layers run whole (larger ones were no faster)
@@ -241,11 +251,7 @@ def plan_level(
     def history_for(tile: int, split: str | None = None) -> int:
         """The longest history (<= wanted) that fits with ``tile`` (0: whole) and ``split``, or -1."""
         for history in range(wanted, -1, -1):
-            needed = (
-                estimate_bytes(vgg, shape, styles, settings, history)
-                if tile == 0
-                else tiled_bytes(vgg, shape, styles, settings, tile, history, split)
-            )
+            needed = plan_bytes(vgg, shape, styles, settings, LevelPlan(tile, history, split))
             if budget is None or needed <= budget:
                 return history
             if settings.optimizer != "lbfgs":
