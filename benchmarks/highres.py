@@ -20,8 +20,9 @@ A case is SIZE:whole (evaluated whole), SIZE:tile=PX (tiles of at most PX px) or
 ``memory.plan_level`` picks in a process that may hold GB in all: on a CPU it is told GB less what the process
 holds when the level is planned, torch itself included, as the system's count of free memory would leave out what
 is resident; SIZE:auto: ``--memory-gb``), each with an optional :history=N
-(default 20) and :split=LAYER (the deep layers whole after that pooling layer; none: every layer in tiles;
-default: the plan's choice).
+(default 20), :split=LAYER (the deep layers whole after that pooling layer; none: every layer in tiles;
+default: the plan's choice) and :float32 (mixed precision off: the network in float32 on a CPU with bfloat16
+instructions too, as on one without them).
 4096 px cases run two iterations (a full search there takes about 16x the 2048 px one).
 
     PYTHONPATH=. python benchmarks/highres.py --paired 2048:auto=3:history=5 1024:whole:history=5 --iterations 5
@@ -85,10 +86,12 @@ def run_case(
 
     size_text, mode, *options = case.split(":")
     size = int(size_text)
-    history, split = 20, None
+    history, split, mixed = 20, None, True
     for option in options:
-        name, value = option.split("=")
-        if name == "history":
+        name, _, value = option.partition("=")
+        if name == "float32" and not value:  # mixed precision off: float32 even where bfloat16 is native
+            mixed = False
+        elif name == "history":
             history = int(value)
         elif name == "split":
             split = value
@@ -140,7 +143,7 @@ def run_case(
     content, style = load_image(CONTENT).to(device), load_image(STYLE).to(device)
     content = resize(content, _fit(content.shape[-2:], size))
     style = resize(style, _fit(style.shape[-2:], size))
-    settings = Settings(size=size, levels=1, iterations=100, tile=tile, history_size=history)
+    settings = Settings(size=size, levels=1, iterations=100, tile=tile, history_size=history, mixed_precision=mixed)
     marks: list[float] = []
 
     def on_level(level, criterion, canvas) -> None:

@@ -33,7 +33,8 @@ class Criterion:
         self.vgg, self.terms, self.tv_weight = vgg, terms, tv_weight
         # float16 on CUDA, bfloat16 on a CPU with bfloat16 instructions, else None; see precision.py
         self.half_dtype = mixed_dtype(vgg.device, mixed_precision)
-        self.gradient_scale = GradientScale(enabled=self.half_dtype is not None)
+        # float16's range needs the scale; bfloat16 has float32's (precision.GradientScale)
+        self.gradient_scale = GradientScale(enabled=self.half_dtype == torch.float16)
         self.layers = {layer for _, _, module in terms for layer in module.layers}
         self.due: dict[str, list[Term]] = {}  # deepest layer of a term -> the terms evaluated there
         for term in terms:

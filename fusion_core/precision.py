@@ -179,8 +179,8 @@ class GradientScale:
     (6.5e4) 64x of headroom for the growth of gradients through the backward pass and places float16's smallest
     normal number (6.1e-5) 2^24 below the largest gradient. A fixed scale cannot: the gradients shrink with the
     image's area. A non-finite image gradient means the headroom was not enough: ``update`` divides the scale
-    by 2^8 and asks for the evaluation to be repeated. bfloat16 has float32's range and needs none of this;
-    one code path serves both.
+    by 2^8 and asks for the evaluation to be repeated. bfloat16 has float32's range and needs none of this: there
+    the scale is off (``enabled`` False), and ``for_losses`` only casts.
     """
 
     TARGET = 2.0**10
@@ -201,10 +201,10 @@ class GradientScale:
         return _ScaleGradient.apply(image, 1.0 / self.scale, None)
 
     def for_losses(self, activation: Tensor) -> Tensor:
-        """A 16-bit activation as the losses see it: float32, their gradient multiplied by the scale (and measured)
-        before it enters the 16-bit backward pass."""
+        """An activation as the losses see it: float32 and, with the scale on, their gradient multiplied by the scale
+        (and measured) before it enters the 16-bit backward pass."""
         if not self.enabled:
-            return activation
+            return activation.float()
         return _ScaleGradient.apply(activation.float(), self.scale, self)
 
     def observe(self, grad: Tensor) -> None:

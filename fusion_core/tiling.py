@@ -40,10 +40,10 @@ import torch
 from torch import Tensor
 
 from .errors import FusionError
-from .functional import gram_part
+from .functional import gram_part, memory_format_of
 from .geometry import feature_shape
 from .losses import ContentLoss, GramLoss, PatchLoss
-from .precision import autocast, float32_region, full_float32, memory_format
+from .precision import GradientScale, autocast, float32_region, full_float32, memory_format
 from .vgg import VGGFeatures
 
 if TYPE_CHECKING:
@@ -228,29 +228,36 @@ class _Recorded:
 
     tile: Tile
     crop: Tensor
-    features: dict[str, Tensor]  # the shallow layers' activations, as the losses see them
-    seeds: _Seeds  # its Gram terms' and (with a split) the deep layers' gradients, made during its forward pass
+    activations: dict[str, Tensor]  # the shallow layers' activations (detached)
+    seeds: _Seeds  # where its gradients are added, made during its forward pass
 
 
 class _Seeds:
-    """What a tile's backward pass starts from: values to differentiate, and gradients at the owned positions of
-    activations, each given as a function computing it.
+    """The gradients a tile's backward pass adds at the positions the tile owns, layer by layer.
 
-    A gradient is written into zeros the size of the activation, in its layout, when the backward pass reaches the
-    activation: ``add_window`` is called as the forward pass makes the activation, so its node (``_WindowGradient``)
-    comes after the activation's in autograd's order, which runs the latest-made ready node first. So no more is held
-    at once than differentiating a slice of the activation would hold. The slice would cost more: autograd writes a
-    slice's gradient into zeros of the default layout, a transposing copy of a tile-sized map per term on a
-    channels-last CPU or CUDA pass."""
+    ``wrap`` passes an activation on through ``_AddGradients``, an identity whose backward pass adds the gradients
+    given with ``add`` to the activation's gradient, in place, at the owned positions: computed when the backward
+    pass reaches the activation, so no more is held at once than the gradient itself. Autograd would write each
+    term's gradient (through a slice of the activation) into zeros of the activation's size, cast it, and add it
+    to the gradient from the layers above: four passes over a tile-sized map per term, and their page faults."""
 
-    def __init__(self) -> None:
+    def __init__(self, scale: GradientScale) -> None:
+        self.scale = scale
         self.roots: list[Tensor] = []
+        self.gradients: dict[str, list[tuple[Callable[[], Tensor | None], bool]]] = {}
 
-    def add(self, value: Tensor) -> None:
-        self.roots.append(value)
+    def wrap(self, name: str, activation: Tensor, local: tuple[slice, slice]) -> Tensor:
+        """``activation`` (layer ``name``), to be used in its place in the pass: the gradients added for ``name``
+        reach it at the positions ``local``."""
+        gradients = self.gradients.setdefault(name, [])
+        passed, root = _AddGradients.apply(activation, local, gradients, self.scale)
+        self.roots.append(root)
+        return passed
 
-    def add_window(self, activation: Tensor, local: tuple[slice, slice], gradient: Callable[[], Tensor | None]) -> None:
-        self.roots.append(_WindowGradient.apply(activation, local, gradient))
+    def add(self, name: str, gradient: Callable[[], Tensor | None], of_loss: bool = True) -> None:
+        """A gradient at layer ``name``'s owned positions, computed when the backward pass reaches it: a loss
+        term's (float32; ``of_loss``: scaled on entering a 16-bit pass), or one from the same pass's scale."""
+        self.gradients[name].append((gradient, of_loss))
 
     def backward(self) -> bool:
         """Runs the backward pass; False when there was nothing to differentiate."""
@@ -259,44 +266,78 @@ class _Seeds:
         return bool(self.roots)
 
 
-class _WindowGradient(torch.autograd.Function):
-    """A root of the backward pass that gives ``activation`` the gradient ``gradient()`` at the positions ``local``,
-    computed when the backward pass reaches it. Its value is zero: the term's value is known (a Gram term's from the
-    first pass), only its gradient is needed."""
+class _AddGradients(torch.autograd.Function):
+    """Identity on ``activation``; its backward pass adds ``gradients`` (functions, each giving a gradient at the
+    positions ``local`` or None, and whether it is a loss term's, ``_Seeds.add``) to the incoming gradient there,
+    in place. The second output, a zero, is a
+    root of the backward pass, so the gradients are added where nothing above the activation sends one."""
 
     @staticmethod
-    def forward(ctx, activation: Tensor, local: tuple[slice, slice], gradient: Callable[[], Tensor | None]) -> Tensor:
-        ctx.local, ctx.gradient, ctx.like = local, gradient, activation.detach()
-        return activation.new_zeros(())
+    def forward(
+        ctx,
+        activation: Tensor,
+        local: tuple[slice, slice],
+        gradients: list[tuple[Callable[[], Tensor | None], bool]],
+        scale: GradientScale,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.local, ctx.gradients, ctx.scale = local, gradients, scale
+        ctx.shape, ctx.dtype, ctx.device = activation.shape, activation.dtype, activation.device
+        ctx.layout = memory_format_of(activation)
+        ctx.set_materialize_grads(False)
+        # a view with the activation's strides, the batch's included: the layers above take their layout from it
+        return activation[:], activation.new_zeros(())
 
     @staticmethod
-    def backward(ctx, _: Tensor) -> tuple[Tensor, None, None]:
-        grad = torch.zeros_like(ctx.like)
+    def backward(ctx, grad: Tensor | None, _: Tensor | None) -> tuple[Tensor, None, None, None]:
+        if grad is None:  # nothing above this layer in the tile's pass
+            grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=ctx.layout).zero_()
+        window = grad[..., ctx.local[0], ctx.local[1]]
         with float32_region(grad.device):
-            window = ctx.gradient()
-        if window is not None:
-            grad[..., ctx.local[0], ctx.local[1]] = window
-        return grad, None, None
+            for gradient, of_loss in ctx.gradients:
+                part = gradient()
+                if part is None:
+                    continue
+                if of_loss and ctx.scale.enabled:  # into the 16-bit pass: scaled and measured (GradientScale)
+                    ctx.scale.observe(part)  # the largest unscaled gradient entering the pass
+                    part = part * ctx.scale.scale
+                window.add_(part.to(grad.dtype))  # cast first: an add that casts as it goes is many times slower
+        return grad, None, None, None
+
+
+def _float32_window(activation: Tensor, local: tuple[slice, slice]) -> Tensor:
+    """The positions ``local`` of ``activation``, detached, in float32 (as the losses see them: the 16-bit pass's
+    activations are cast) and in the activation's layout."""
+    window = activation.detach()[..., local[0], local[1]]
+    if window.dtype == torch.float32:
+        return window
+    return window.to(torch.float32, memory_format=memory_format_of(activation))
 
 
 def _gram_gradient(
     module: GramLoss,
     weight: float,
     layer: str,
-    owned: Tensor,
+    activation: Tensor,
+    local: tuple[slice, slice],
     window: tuple[slice, slice],
     shape: tuple[int, int],
     slopes: dict[int, dict[str, Tensor]],
 ) -> Tensor:
-    """A Gram term's gradient at ``owned``, the positions ``window`` of ``layer``'s map of ``shape``, from its slope
-    in ``slopes`` (filled at the end of the first pass)."""
-    return weight * module.part_grad(layer, owned, window, shape, slopes[id(module)][layer])
+    """A Gram term's weighted gradient at the positions ``local`` of ``activation`` (``window`` of ``layer``'s map
+    of ``shape``), from its slope in ``slopes`` (filled at the end of the first pass). The gradient is linear in
+    the slope: the weight scales the C x C slope rather than the map-sized gradient."""
+    owned = _float32_window(activation, local)
+    return module.part_grad(layer, owned, window, shape, weight * slopes[id(module)][layer])
 
 
 def _split_gradient(deep: list[Tensor], window: tuple[slice, slice]) -> Tensor | None:
     """The deep layers' gradient at ``window`` of the split layer's map (``deep[0]``), once their pass has run."""
     grad = deep[0].grad if deep else None
     return None if grad is None else grad[..., window[0], window[1]]
+
+
+def _given(gradient: Tensor) -> Tensor:
+    return gradient
 
 
 def _splittable(criterion: Criterion, split: str) -> bool:
@@ -372,29 +413,25 @@ class TiledCriterion:
         tiles = self.plan.tiles if recorded is None else [recorded.tile, *self.plan.tiles[:-1]]
         for tile in tiles:
             if recorded is not None and tile is recorded.tile:
-                crop, features, seeds = recorded.crop, recorded.features, recorded.seeds
-                for name in features:
-                    self._pulls(tile, name, features, values, seeds)
+                crop, seeds = recorded.crop, recorded.seeds
+                for name, activation in recorded.activations.items():
+                    self._pulls(tile, name, activation, values, seeds)
                 recorded = None
             else:
                 crop = image.detach()[..., tile.crop[0], tile.crop[1]].requires_grad_(True)
-                features, seeds = {}, _Seeds()
+                seeds = _Seeds(scale)
 
-                def evaluate(name: str, activation: Tensor, tile=tile, features=features, seeds=seeds):
-                    if name == self.split:  # the deep layers' gradient, at the positions the tile owns
-                        local, window = self.plan.local(tile, name)
-                        seeds.add_window(activation, local, partial(_split_gradient, [deep], window))
-                    if name not in self.head:
-                        return
-                    features[name] = scale.for_losses(activation)
-                    self._gram_gradients(tile, name, features, slopes, seeds)
-                    self._pulls(tile, name, features, values, seeds)
+                def evaluate(name: str, activation: Tensor, tile=tile, seeds=seeds) -> Tensor:
+                    passed = self._seed(tile, name, activation, slopes, [] if deep is None else [deep], seeds)
+                    if name in self.head:
+                        self._pulls(tile, name, activation, values, seeds)
+                    return passed
 
                 with autocast(self.vgg.device, criterion.half_dtype):
                     self.vgg(scale.unscale_at(crop), layers, on_layer=evaluate)
             if seeds.backward():
                 grad[..., tile.crop[0], tile.crop[1]] += crop.grad
-            del features, seeds
+            del seeds
             if scale.largest is not None:
                 largest = scale.largest if largest is None else torch.maximum(largest, scale.largest)
         scale.largest = largest
@@ -409,46 +446,85 @@ class TiledCriterion:
         local, _ = self.plan.local(tile, layer)
         return activation[..., local[0], local[1]]
 
-    def _gram_gradients(
-        self, tile: Tile, name: str, features: dict[str, Tensor], slopes: dict[int, dict[str, Tensor]], seeds: _Seeds
-    ) -> None:
-        """The Gram terms' gradients at layer ``name``'s positions that ``tile`` owns: each that of <dL/dG, the tile's
-        part of G>, the Gram loss's gradient on these positions, computed directly (their values came from the first
-        pass). ``features``: the crop's activations as the losses see them."""
+    def _seed(
+        self,
+        tile: Tile,
+        name: str,
+        activation: Tensor,
+        slopes: dict[int, dict[str, Tensor]],
+        deep: list[Tensor],
+        seeds: _Seeds,
+    ) -> Tensor | None:
+        """``activation`` (layer ``name`` of ``tile``'s crop) passed on with the gradients its backward pass adds at
+        the positions the tile owns: the Gram terms' (those of <dL/dG, the tile's part of G>, computed directly:
+        their values came from the first pass) and, at the split layer, the deep layers'. None for a layer with
+        neither; the content and patch terms' are added by ``_pulls``."""
+        if name not in self.head and name != self.split:
+            return None
         local, window = self.plan.local(tile, name)
-        owned = features[name].detach()[..., local[0], local[1]]
+        passed = seeds.wrap(name, activation, local)
+        if name == self.split:
+            seeds.add(name, partial(_split_gradient, deep, window), of_loss=False)  # scaled in the deep pass
         shape = feature_shape(self.canvas, name)
         for module in self.grams:
             if name in module.layers:
                 weight = self.gram_weights[id(module)]
-                gradient = partial(_gram_gradient, module, weight, name, owned, window, shape, slopes)
-                seeds.add_window(features[name], local, gradient)
+                args = (module, weight, name, activation.detach(), local, window, shape, slopes)
+                seeds.add(name, partial(_gram_gradient, *args))
+        return passed
 
-    def _pulls(
-        self,
-        tile: Tile,
-        name: str,
-        features: dict[str, Tensor],
-        values: dict[str, Tensor],
-        seeds: _Seeds,
-    ) -> None:
-        """The content and patch terms due at layer ``name`` restricted to ``tile``'s positions, added to what the
-        tile's backward pass starts from, and their shares to ``values``."""
+    def _pulls(self, tile: Tile, name: str, activation: Tensor, values: dict[str, Tensor], seeds: _Seeds) -> None:
+        """The content and patch terms due at layer ``name`` restricted to ``tile``'s positions: their shares
+        added to ``values``, their gradients (differentiated at once, on the owned positions alone) to what the
+        tile's backward pass adds there."""
         for kind, weight, module in self.criterion.due.get(name, ()):
             if isinstance(module, GramLoss):
-                continue  # _gram_gradients
-            with float32_region(self.vgg.device):
-                window = self.plan.local(tile, name)[1]
-                owned = self._window(tile, name, features[name])
+                continue  # _seed
+            with torch.enable_grad(), float32_region(self.vgg.device):
+                local, window = self.plan.local(tile, name)
+                owned = _float32_window(activation, local).requires_grad_(True)
                 if isinstance(module, ContentLoss):
-                    pull = module.part(owned, window)
+                    pull = weight * module.part(owned, window)
                 else:
-                    pull = module.part(owned, window, feature_shape(self.canvas, name))
-                values[kind] = values[kind] + weight * pull.detach()
-            seeds.add(weight * pull)
+                    pull = weight * module.part(owned, window, feature_shape(self.canvas, name))
+                (gradient,) = torch.autograd.grad(pull, owned)
+            values[kind] = values[kind] + pull.detach()
+            seeds.add(name, partial(_given, gradient))
 
     def _gram_part(self, module: GramLoss, layer: str, features: Tensor, tile: Tile) -> Tensor:
         return module.part(layer, features, self.plan.local(tile, layer)[1], feature_shape(self.canvas, layer))
+
+    def _collect(
+        self,
+        tile: Tile,
+        name: str,
+        activation: Tensor,
+        layers: set[str],
+        rematch: bool,
+        sums: dict[tuple[int, str], Tensor],
+        deep: list[Tensor],
+    ) -> None:
+        """The first pass's work at layer ``name`` of ``tile``'s crop: its part of the Gram matrices (into
+        ``sums``), (``rematch``) its patches' matches and, at the split layer, its part of that map (``deep``)."""
+        plan, device = self.plan, self.vgg.device
+        if name not in layers:
+            return
+        if name == self.split:
+            local, window = plan.local(tile, name)
+            if not deep:
+                size = (1, activation.shape[1], *feature_shape(self.canvas, name))
+                deep.append(activation.new_empty(size).contiguous(memory_format=memory_format(device)))
+            deep[0][..., window[0], window[1]] = activation[..., local[0], local[1]].detach()
+        with torch.no_grad(), float32_region(device):
+            for module in self.grams:
+                if name in module.layers:
+                    part = self._gram_part(module, name, self._window(tile, name, activation).float(), tile)
+                    key = (id(module), name)
+                    sums[key] = part if key not in sums else sums[key] + part
+        if rematch:
+            for module in self.patches:
+                if module.layer == name:
+                    module.match_part(activation.detach(), plan.origin(tile, name), plan.owned(tile, name))
 
     def _first_pass(
         self, image: Tensor, rematch: bool
@@ -473,44 +549,25 @@ class TiledCriterion:
             for i, tile in enumerate(plan.tiles):
                 record = i == len(plan.tiles) - 1
                 crop = image[..., tile.crop[0], tile.crop[1]]
-                features: dict[str, Tensor] = {}
-                seeds = _Seeds()
+                activations: dict[str, Tensor] = {}
+                seeds = _Seeds(scale)
 
                 def collect(
-                    name: str, activation: Tensor, tile: Tile = tile, features=features, record=record, seeds=seeds
-                ) -> None:
-                    # The recorded tile's gradients are made as its activations are (_Seeds says why); they are
-                    # computed in the second pass, from the slopes and the deep layers' gradient known by then.
-                    if record and name in self.head:
-                        features[name] = scale.for_losses(activation)
-                        self._gram_gradients(tile, name, features, slopes, seeds)
-                    if record and name == split:
-                        local, window = plan.local(tile, name)
-                        seeds.add_window(activation, local, partial(_split_gradient, deep, window))
-                    if name not in layers:
-                        return
-                    if name == split:
-                        local, window = plan.local(tile, name)
-                        if not deep:
-                            size = (1, activation.shape[1], *feature_shape(self.canvas, name))
-                            deep.append(activation.new_empty(size).contiguous(memory_format=memory_format(device)))
-                        deep[0][..., window[0], window[1]] = activation[..., local[0], local[1]].detach()
-                    with torch.no_grad(), float32_region(device):
-                        for module in self.grams:
-                            if name in module.layers:
-                                part = self._gram_part(module, name, self._window(tile, name, activation).float(), tile)
-                                key = (id(module), name)
-                                sums[key] = part if key not in sums else sums[key] + part
-                    if rematch:
-                        for module in self.patches:
-                            if module.layer == name:
-                                module.match_part(activation.detach(), plan.origin(tile, name), plan.owned(tile, name))
+                    name: str, activation: Tensor, tile=tile, activations=activations, record=record, seeds=seeds
+                ) -> Tensor | None:
+                    passed = None
+                    if record:  # its gradients are computed in the second pass, from the slopes known by then
+                        passed = self._seed(tile, name, activation, slopes, deep, seeds)
+                        if name in self.head:
+                            activations[name] = activation.detach()
+                    self._collect(tile, name, activation, layers, rematch, sums, deep)
+                    return passed
 
                 with torch.set_grad_enabled(record), autocast(device, criterion.half_dtype):
                     if record:
                         crop = crop.requires_grad_(True)
                         self.vgg(scale.unscale_at(crop), self.head | layers, on_layer=collect)
-                        recorded = _Recorded(tile, crop, features, seeds)
+                        recorded = _Recorded(tile, crop, activations, seeds)
                     else:
                         self.vgg(crop, sorted(layers), on_layer=collect)
         if rematch:

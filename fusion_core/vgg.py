@@ -110,11 +110,13 @@ class VGGFeatures(nn.Module):
         self,
         image: Tensor,
         layers: Iterable[str],
-        on_layer: Callable[[str, Tensor], None] | None = None,
+        on_layer: Callable[[str, Tensor], Tensor | None] | None = None,
         *,
         after: str | None = None,
     ) -> dict[str, Tensor]:
-        """Activations of ``layers``; ``on_layer(name, activation)`` is called as each one is computed.
+        """Activations of ``layers``; ``on_layer(name, activation)`` is called as each one is computed, and a tensor
+        it returns takes the activation's place, in the pass and in the result (tiling.py passes each on through a
+        function that adds the tile's loss gradients to the activation's in the backward pass).
 
         ``after`` (a ReLU or pooling layer): ``image`` is that layer's activation, and the pass runs on from the
         next layer (tiling.py runs the shallow layers in tiles and the deep ones on the whole map)."""
@@ -142,13 +144,17 @@ class VGGFeatures(nn.Module):
                     # In place only when the conv output it overwrites is not one we return.
                     x = F.relu(x, inplace="conv" + name[4:] not in wanted)
             elif self.pooling == "max":
-                x = lean.max_pool(x) if compact else F.max_pool2d(x, 2)
+                if compact:
+                    x = lean.max_pool(x)
+                else:  # autograd's own pooling only where autograd records the pass
+                    x = F.max_pool2d(x, 2) if torch.is_grad_enabled() and x.requires_grad else lean.max_of_four(x)
             else:
                 x = F.avg_pool2d(x, 2)
             if name in wanted:
-                out[name] = x
                 if on_layer is not None:
-                    on_layer(name, x)
+                    replaced = on_layer(name, x)
+                    x = x if replaced is None else replaced
+                out[name] = x
         return out
 
 

@@ -131,3 +131,18 @@ def test_max_pool_sends_the_gradient_where_torch_does_ties_included():
     F.max_pool2d(reference, 2).backward(grad)
     torch.testing.assert_close(lean_backward.max_pool(x), F.max_pool2d(x, 2))
     assert torch.equal(ours.grad, reference.grad)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_of_four_gives_torch_max_pooling_values_exactly(layout, dtype):
+    """The values-only pooling of passes without autograd: bit for bit F.max_pool2d's, odd sizes (the last row and
+    column dropped), negative values and NaN included, in the input's layout."""
+    x = torch.randn(2, 5, 9, 13, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[0, 1, 3, 4] = float("nan")
+    x = x.contiguous(memory_format=layout)
+    ours, torchs = lean_backward.max_of_four(x), F.max_pool2d(x, 2)
+    assert ours.shape == (2, 5, 4, 6) and ours.dtype == dtype
+    assert torch.equal(ours.isnan(), torchs.isnan()) and ours.isnan().sum() == 1
+    assert torch.equal(ours.nan_to_num(), torchs.nan_to_num())
+    assert ours.is_contiguous(memory_format=layout)
