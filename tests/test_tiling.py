@@ -435,3 +435,37 @@ def test_a_tiled_run_with_every_control_gives_the_untiled_image(net):
     difference, rounding = (tiled - untiled).abs(), (nudged - untiled).abs()
     assert difference.mean() < 1e-4
     assert difference.mean() <= 3 * rounding.mean() + 1e-6
+
+
+@pytest.mark.parametrize("above", [True, False], ids=["gradient-from-above", "nothing-above"])
+def test_seeds_add_their_window_gradients_to_the_gradient_from_above(above):
+    """The identity at a loss layer (tiling._Seeds.wrap): its backward pass adds each gradient given for the layer at
+    the owned positions to the one from the layers above, as autograd would add the gradients of the same terms
+    written through a slice; with nothing above, to zeros. The activation it passes on keeps its strides, the
+    batch's included (the layers above take their memory layout from it)."""
+    from fusion_core.precision import GradientScale
+    from fusion_core.tiling import _Seeds
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 6, 9, 11, generator=generator).contiguous(memory_format=torch.channels_last)
+    above_weight, window = torch.randn(1, 6, 9, 11, generator=generator), (slice(2, 7), slice(3, 10))
+    first, second = torch.randn(1, 6, 5, 7, generator=generator), torch.randn(1, 6, 5, 7, generator=generator)
+
+    ours = x.clone().requires_grad_(True)
+    activation = ours * 2.0  # a non-leaf, as a layer's output is
+    seeds = _Seeds(GradientScale(False))
+    passed = seeds.wrap("relu1_1", activation, window)
+    assert passed.stride() == activation.stride() and passed.is_contiguous(memory_format=torch.channels_last)
+    seeds.add("relu1_1", lambda: first)
+    seeds.add("relu1_1", lambda: second)
+    seeds.add("relu1_1", lambda: None)  # a term with nothing to add
+    roots = [*seeds.roots, (passed * above_weight).sum()] if above else seeds.roots
+    torch.autograd.backward(roots)
+
+    reference = x.clone().requires_grad_(True)
+    direct = reference * 2.0
+    total = (direct[..., window[0], window[1]] * (first + second)).sum()
+    if above:
+        total = total + (direct * above_weight).sum()
+    total.backward()
+    torch.testing.assert_close(ours.grad, reference.grad)
