@@ -25,12 +25,10 @@ default: the plan's choice) and :float32 (mixed precision off: the network in fl
 instructions too, as on one without them).
 4096 px cases run two iterations (a full search there takes about 16x the 2048 px one).
 
-    PYTHONPATH=. python benchmarks/highres.py --paired 2048:auto=3:history=5 1024:whole:history=5 --iterations 5
-
-``--paired A B`` times two cases in one process, an iteration of each in turn (``--iterations`` rounds, each
-iteration a propagation), and prints per round A's time per pixel over B's, and their median. This machine's speed
-drifts by tens of percent between minutes, which runs in separate processes minutes apart cannot tell from the
-cases' own difference. No peak memory there: the process holds both cases.
+Time ratios between cases are measured as pairs of separate processes run in turn (``farm-bench --vs``, the command in
+BENCHMARKS.md). Two cases in one process, in threads taking turns, slowed the untiled 1024 px case by ~45% and the
+tiled one by ~10% against their own processes (threads allocate from glibc's per-thread arenas, not the main heap;
+the cause was not measured further), so in-process pairs are not used.
 
 ``--device cuda`` runs the cases on a GPU: the peak is then what torch allocated there
 (``torch.cuda.max_memory_allocated``), and an auto=GB case caps the process at GB
@@ -43,10 +41,8 @@ import argparse
 import contextlib
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -71,10 +67,8 @@ def run_case(
     iterations: int,
     memory_gb: float | None,
     device_name: str = "cpu",
-    turns: Turns | None = None,
-    side: int = 0,
 ) -> dict:
-    """One case, in this process; with ``turns``, as its ``side`` (0 or 1) of a pair taking turns."""
+    """One case, in this process."""
     import torch
 
     from fusion_core import Cancelled, GlobalStyle, LocalStyle, Settings, load_image, load_vgg
@@ -123,7 +117,7 @@ def run_case(
 
     planned = []  # the levels' plans, as stylize receives them
     plan: dict = {}  # the last level's: what it was planned for, the search, the progress's tiles and history
-    plan_level = memory_module.plan_level  # stylize's, not another case's recording one (``--paired``)
+    plan_level = memory_module.plan_level
 
     def recording_plan_level(vgg, shape, styles, settings):
         available = memory_module.available_bytes(vgg.device)
@@ -175,19 +169,9 @@ def run_case(
     def on_progress(p) -> None:
         marks.append(_clock(device))
         plan.update(tiles=p.tiles, history=p.history)
-        if turns is not None:
-            turns.end(side)
 
     def should_stop() -> bool:
-        if turns is None:
-            return len(marks) > iterations
-        if len(marks) > 2 * iterations:  # the level's start, then each turn's start and end
-            turns.leave(side)
-            return True
-        turns.begin(side, planned[-1].tile > 0)
-        plan["search"].matches = 1  # a propagation, as the first two iterations are
-        marks.append(_clock(device))  # the turn's start: the iteration is timed from here
-        return False
+        return len(marks) > iterations
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -207,17 +191,6 @@ def run_case(
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     canvas = plan["canvas"]
-    if turns is not None:  # marks: the level's start, then each turn's start and end
-        steps = [b - a for a, b in zip(marks[1::2], marks[2::2], strict=False)]
-        return {
-            "case": case,
-            "canvas": f"{canvas[1]}x{canvas[0]}",
-            "tiles": plan["tiles"],
-            "history": plan["history"],
-            "split": planned[-1].split,
-            "iterations_s": [round(step, 2) for step in steps],
-            "us_per_px": [round(step / (canvas[0] * canvas[1]) * 1e6, 2) for step in steps],
-        }
     steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     propagation = sum(steps[:2]) / len(steps[:2])  # the seeded search's first two matches are propagations
     result = {
@@ -237,83 +210,6 @@ def run_case(
         result["full_search_s"] = round(steps[2] - propagation, 1)
         result["schedule_s"] = round(sum(steps[:3]) / 3, 2)
     return result
-
-
-class Turns:
-    """Two cases in one process, in two threads taking turns an iteration at a time (``--paired``): this machine's
-    speed drifts by tens of percent between minutes, so the two sides of each pair run within a minute of each
-    other. Each side sets up in turn before either iterates, and each turn runs under its own allocator regime (a
-    tiled level's, ``memory.freed_memory_returned``, or glibc's own largest threshold), the process's setting."""
-
-    def __init__(self) -> None:
-        self.condition = threading.Condition()
-        self.turn, self.ready = -1, 0  # turn -1: setting up; ready: the sides set up
-        self.gone = [False, False]  # the sides that stopped (done, or failed)
-
-    def begin(self, side: int, tiled: bool) -> None:
-        from fusion_core import memory
-
-        with self.condition:
-            if self.turn == -1 and self.ready == side:  # its first call: it has set up, the other side may now
-                self.ready += 1
-                self.condition.notify_all()
-            self.condition.wait_for(lambda: self.turn == side or (self.turn != -1 and self.gone[1 - side]))
-        mallopt = memory._mallopt()
-        if mallopt is not None:
-            threshold = memory.RETURNED_BLOCK if tiled else memory._GLIBC_LARGEST_THRESHOLD
-            mallopt(memory._M_MMAP_THRESHOLD, threshold)
-
-    def end(self, side: int) -> None:
-        with self.condition:
-            self.turn = 1 - side
-            self.condition.notify_all()
-
-    def leave(self, side: int) -> None:
-        with self.condition:
-            self.gone[side] = True
-            self.turn = 1 - side
-            self.condition.notify_all()
-
-    def wait_ready(self, sides: int) -> None:
-        with self.condition:
-            self.condition.wait_for(lambda: self.ready >= sides or any(self.gone))
-
-    def start(self) -> None:
-        """Once both sides have set up (or one has failed): the first side iterates."""
-        self.wait_ready(2)
-        with self.condition:
-            self.turn = 0
-            self.condition.notify_all()
-
-
-def run_paired(cases: list[str], weights: str, rounds: int, memory_gb: float | None, device_name: str) -> dict:
-    """``rounds`` propagation iterations of each of two cases, taking turns (``Turns``), and per round the first's
-    time per pixel over the second's."""
-    turns, results, errors = Turns(), [None, None], []
-
-    def side(index: int) -> None:
-        try:
-            results[index] = run_case(cases[index], weights, rounds, memory_gb, device_name, turns, index)
-        except BaseException as error:  # reported below; the other side must not wait for this one
-            errors.append(error)
-            turns.leave(index)
-
-    first = threading.Thread(target=side, args=(0,))
-    first.start()
-    turns.wait_ready(1)  # the first side plans its level before the second patches the memory module
-    second = threading.Thread(target=side, args=(1,))
-    second.start()
-    turns.start()
-    first.join()
-    second.join()
-    if errors:
-        raise errors[0]
-    ratios = [a / b for a, b in zip(results[0]["us_per_px"], results[1]["us_per_px"], strict=True)]
-    return {
-        "cases": results,
-        "ratios": [round(r, 3) for r in ratios],
-        "median_ratio": round(statistics.median(ratios), 3),
-    }
 
 
 def _resident_bytes() -> int:
@@ -348,18 +244,7 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=None, help="memory the auto cases plan for")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak: resident memory, or torch's on the GPU)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
-    parser.add_argument(
-        "--paired",
-        nargs=2,
-        metavar=("CASE_A", "CASE_B"),
-        help="time two cases in one process, an iteration of each in turn (--iterations rounds, propagations only), "
-        "and print A's time per pixel over B's per round",
-    )
     args = parser.parse_args()
-    if args.paired:
-        result = run_paired(args.paired, args.weights, args.iterations, args.memory_gb, args.device)
-        print(json.dumps(result), flush=True)
-        return
     if args.one:
         print(json.dumps(run_case(args.one, args.weights, args.iterations, args.memory_gb, args.device)), flush=True)
         return
