@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import functional as Fn
 from .matching import MATCHERS
+from .memory import trim_heaps
 from .precision import accumulation_dtype
 
 # Chosen with benchmarks/quality.py (docs/RESULTS.md): at a1 = 20, a2 = 1e-4, a3 = 20 the output moves about as
@@ -143,6 +144,11 @@ class PatchLoss(nn.Module):
     def match(self, features: dict[str, Tensor]) -> None:
         current = features[self.layer].detach()
         self.indices = self._searcher()(current, self.indices)  # the fast search keeps the last match a candidate
+        if current.device.type == "cpu" and getattr(self._search, "last_full", False):
+            # A full search frees large blocks that glibc keeps in its heaps, and the allocations after it only
+            # fragmented them: an untiled 2048 px level in float32 peaked at 9-13 GB against an estimate of 6.8 GB,
+            # 6.9 GB with the heaps trimmed here (BENCHMARKS.md). A tiled level returns such blocks as it goes.
+            trim_heaps()
         self._targets = Fn.mrf_targets(
             self.style,
             self.indices,

@@ -96,6 +96,8 @@ class ExactSearch:
 
     Holds nothing but its arguments: each call searches from scratch and ignores ``previous``."""
 
+    last_full = True  # every call is a full search
+
     def __init__(
         self,
         style: Tensor,
@@ -221,6 +223,7 @@ class ProjectedSearch:
             self.pool: Tensor | None = None  # (N_query, candidates): the last full search's candidates
             self.generator = torch.Generator(device=self.style.device).manual_seed(0)  # random search
             self.matches = 0
+            self.last_full = False  # whether the last call was a full search
 
     def _project(self, features: Tensor) -> Tensor:
         return positions_last(F.conv2d(features, self.kernels, stride=self.stride))  # (N, d)
@@ -229,7 +232,8 @@ class ProjectedSearch:
     def __call__(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
         """The search to run between optimiser iterations: ``full_search`` at the first and every
         ``FULL_SEARCH_EVERY``-th call, ``propagate`` from ``previous`` otherwise."""
-        return self.full_search(query, previous) if self.full_due(previous) else self.propagate(query, previous)
+        self.last_full = self.full_due(previous)
+        return self.full_search(query, previous) if self.last_full else self.propagate(query, previous)
 
     def full_due(self, previous: Tensor | None) -> bool:
         """Whether this match is a full search (else a propagation from ``previous``); counts the match. A match

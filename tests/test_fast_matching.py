@@ -174,6 +174,27 @@ def test_patch_loss_fits_the_projection_once(monkeypatch):
     assert loss.indices is not None and loss.indices.shape == (8 * 10,)  # relu3_1 of 40x48 is 10x12
 
 
+@pytest.mark.parametrize("matcher", ["fast", "exact"])
+def test_the_heaps_are_trimmed_after_full_searches_only(matcher, monkeypatch):
+    """A full search frees large blocks that glibc would keep (BENCHMARKS.md: an untiled 2048 px level peaked at
+    9-13 GB against its 6.8 GB estimate): the patch loss gives them back after every full search, and not after
+    the fast search's propagations, where that would only cost page faults."""
+    from fusion_core import losses
+
+    trims, searches = [], []
+    monkeypatch.setattr(losses, "trim_heaps", lambda: trims.append(len(searches)))
+    loss = PatchLoss("relu3_1", vgg_features(seed=7), matcher=matcher)
+    for seed in range(8, 8 + 2 * M.FULL_SEARCH_EVERY + 1):
+        loss.match({"relu3_1": vgg_features(seed=seed)})
+        searches.append(loss._search.last_full)
+    expected = [i for i, full in enumerate(searches) if full]  # trimmed during the match numbered i
+    assert trims == expected
+    if matcher == "fast":  # a full search at the first match and every FULL_SEARCH_EVERY-th, propagations between
+        assert searches == [i % M.FULL_SEARCH_EVERY == 0 for i in range(len(searches))]
+    else:
+        assert all(searches)
+
+
 def test_defaults_use_the_fast_search_and_the_exact_one_stays_available():
     settings = Settings()
     assert settings.matcher == "fast"
