@@ -411,6 +411,7 @@ class TiledCriterion:
         grad = torch.zeros_like(image)
         layers = [*self.head] if self.split is None else [*self.head, self.split]
         tiles = self.plan.tiles if recorded is None else [recorded.tile, *self.plan.tiles[:-1]]
+        split_map = [] if deep is None else [deep]
         for tile in tiles:
             if recorded is not None and tile is recorded.tile:
                 crop, seeds = recorded.crop, recorded.seeds
@@ -422,7 +423,7 @@ class TiledCriterion:
                 seeds = _Seeds(scale)
 
                 def evaluate(name: str, activation: Tensor, tile=tile, seeds=seeds) -> Tensor:
-                    passed = self._seed(tile, name, activation, slopes, [] if deep is None else [deep], seeds)
+                    passed = self._seed(tile, name, activation, slopes, split_map, seeds)
                     if name in self.head:
                         self._pulls(tile, name, activation, values, seeds)
                     return passed
@@ -440,11 +441,6 @@ class TiledCriterion:
         image.grad = grad
         values["total"] = sum(values.values())
         return values
-
-    def _window(self, tile: Tile, layer: str, activation: Tensor) -> Tensor:
-        """The positions of ``layer`` that ``tile`` owns, from its crop's activation."""
-        local, _ = self.plan.local(tile, layer)
-        return activation[..., local[0], local[1]]
 
     def _seed(
         self,
@@ -477,12 +473,14 @@ class TiledCriterion:
         """The content and patch terms due at layer ``name`` restricted to ``tile``'s positions: their shares
         added to ``values``, their gradients (differentiated at once, on the owned positions alone) to what the
         tile's backward pass adds there."""
-        for kind, weight, module in self.criterion.due.get(name, ()):
-            if isinstance(module, GramLoss):
-                continue  # _seed
+        terms = [term for term in self.criterion.due.get(name, ()) if not isinstance(term[2], GramLoss)]  # _seed
+        if not terms:
+            return
+        local, window = self.plan.local(tile, name)
+        window_float32 = _float32_window(activation, local)  # one copy for the layer's terms
+        for kind, weight, module in terms:
             with torch.enable_grad(), float32_region(self.vgg.device):
-                local, window = self.plan.local(tile, name)
-                owned = _float32_window(activation, local).requires_grad_(True)
+                owned = window_float32.detach().requires_grad_(True)
                 if isinstance(module, ContentLoss):
                     pull = weight * module.part(owned, window)
                 else:
@@ -515,10 +513,12 @@ class TiledCriterion:
                 size = (1, activation.shape[1], *feature_shape(self.canvas, name))
                 deep.append(activation.new_empty(size).contiguous(memory_format=memory_format(device)))
             deep[0][..., window[0], window[1]] = activation[..., local[0], local[1]].detach()
-        with torch.no_grad(), float32_region(device):
-            for module in self.grams:
-                if name in module.layers:
-                    part = self._gram_part(module, name, self._window(tile, name, activation).float(), tile)
+        grams = [module for module in self.grams if name in module.layers]
+        if grams:
+            with torch.no_grad(), float32_region(device):
+                owned = _float32_window(activation, plan.local(tile, name)[0])  # one copy for the layer's terms
+                for module in grams:
+                    part = self._gram_part(module, name, owned, tile)
                     key = (id(module), name)
                     sums[key] = part if key not in sums else sums[key] + part
         if rematch:
