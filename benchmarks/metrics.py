@@ -15,6 +15,17 @@
   every local piece of the output looks like some piece of the style (the style's local detail), whatever its
   place or frequency. The MRF loss works on relu3_1 only, so this is not the quantity any loss optimises.
   Lower = more style-like local detail.
+- motif share: the share of the output's 3x3 patches on relu3_1 that are copies of the painting's motifs the photo
+  does not call for: their nearest style patch (the local loss's own normalised cross-correlation, exhaustive) has
+  its centre inside a motif region (boxes drawn tightly around eyes, a moon: benchmarks/pairs/motifs.json), at least
+  half of their neighbours' nearest patches are the same neighbours in the painting (within a position), so that a
+  piece of the motif, not one stray patch, sits there, and the content's own nearest patch there is not in a motif
+  region. A landscape has no eyes, so a share above a plain Gatys output's of the same pair means motifs pasted
+  where the photo has none. Measured at the output's own size, the style at the output's longest side (the scale of
+  the last pyramid level).
+- local content distance: relu4_2's squared distance to the content summed over square tiles of the map (32 px of
+  the image), each over the mean tile's. Its worst tiles are where the output strays most from the photo: a face
+  painted into the sky shows there, and they are the crops a contact sheet shows at 1:1.
 
 All plain torch; the network is any ``fusion_core.VGGFeatures``.
 """
@@ -169,6 +180,106 @@ def patch_distance(vgg, output: Tensor, style: Tensor, layers: tuple[str, ...] =
     return distances
 
 
+MOTIF_LAYER = "relu3_1"
+TILE_LAYER = "relu4_2"
+TILE_POSITIONS = 4  # relu4_2 positions per tile side: 32 px of the image
+
+
+def motif_mask(shape: tuple[int, int], boxes: list[list[float]]) -> Tensor:
+    """(H, W) bool: the positions of a map of ``shape`` inside any of ``boxes``, each [x0, y0, x1, y1] as fractions
+    of the image's width and height (a position counts by its centre)."""
+    h, w = shape
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        inside |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+    return inside
+
+
+def coherent_matches(index: Tensor, grid: tuple[int, int], style_cols: int) -> Tensor:
+    """(rows, cols) bool over a grid of query patches whose nearest style patches are ``index`` (row-major over a
+    style grid ``style_cols`` wide): whether at least half of a patch's 4 neighbours matched the style patch
+    next to its own match in the same direction, within one position either way."""
+    rows, cols = grid
+    match_row, match_col = (index // style_cols).view(rows, cols), (index % style_cols).view(rows, cols)
+    agree = torch.zeros(rows, cols)
+    count = torch.zeros(rows, cols)
+    for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+        here = (slice(max(0, -dy), rows - max(0, dy)), slice(max(0, -dx), cols - max(0, dx)))
+        there = (slice(max(0, dy), rows - max(0, -dy)), slice(max(0, dx), cols - max(0, -dx)))
+        same_row = (match_row[there] - match_row[here] - dy).abs() <= 1
+        same_col = (match_col[there] - match_col[here] - dx).abs() <= 1
+        agree[here] += (same_row & same_col).float()
+        count[here] += 1
+    return agree >= count / 2
+
+
+def motif_copies_of_maps(
+    output: Tensor, style: Tensor, motif: Tensor, content: Tensor | None = None, size: int = 3
+) -> Tensor:
+    """(rows, cols) bool over ``output``'s size x size patches (a (1, C, H, W) map): those whose nearest patch of
+    ``style`` (by <q, s> / |s|, exhaustive) has its centre position in ``motif`` ((H_s, W_s) bool, the style map's
+    positions) and whose neighbours' matches cohere with it (``coherent_matches``); with ``content`` (the content
+    image's map, as ``output``), only where the content's own nearest style patch is not in the motif: copies the
+    photo does not call for (an eye matched to an eye of the photo, or to a lit railing that looks like a lid, is
+    the method doing its job)."""
+
+    def in_motif(query: Tensor) -> tuple[Tensor, Tensor]:
+        index = nearest_patches(query, style, size, 1).cpu()
+        return motif.cpu()[index // style_cols + size // 2, index % style_cols + size // 2].view(grid), index
+
+    grid = (output.shape[-2] - size + 1, output.shape[-1] - size + 1)
+    style_cols = style.shape[-1] - size + 1
+    found, index = in_motif(output)
+    copies = found & coherent_matches(index, grid, style_cols)
+    return copies if content is None else copies & ~in_motif(content)[0]
+
+
+def motif_share_of_maps(
+    output: Tensor, style: Tensor, motif: Tensor, content: Tensor | None = None, size: int = 3
+) -> float:
+    """The share of ``output``'s patches that ``motif_copies_of_maps`` finds."""
+    return float(motif_copies_of_maps(output, style, motif, content, size).double().mean())
+
+
+def motif_copies(
+    vgg, output: Tensor, style: Tensor, boxes: list[list[float]], content: Tensor, layer: str = MOTIF_LAYER
+) -> Tensor:
+    """``motif_copies_of_maps`` on ``layer``, ``style`` resized to the output's longest side and ``content`` to the
+    output's shape here. Patch (i, j) of relu3_1 is centred on the image's pixels around ((i, j) + 1) * 4."""
+    style = resize(style.to(output.device), fit_longest(style.shape[-2], style.shape[-1], max(output.shape[-2:])))
+    content = resize(content.to(output.device), tuple(output.shape[-2:]))
+    with torch.no_grad():
+        maps = [vgg(image, [layer])[layer].float() for image in (output, style, content)]
+    return motif_copies_of_maps(maps[0], maps[1], motif_mask(tuple(maps[1].shape[-2:]), boxes), maps[2])
+
+
+def motif_share(
+    vgg, output: Tensor, style: Tensor, boxes: list[list[float]], content: Tensor, layer: str = MOTIF_LAYER
+) -> float:
+    """The share of ``output``'s patches that ``motif_copies`` finds."""
+    return float(motif_copies(vgg, output, style, boxes, content, layer).double().mean())
+
+
+def tile_distances(output: Tensor, content: Tensor, positions: int = TILE_POSITIONS) -> Tensor:
+    """(rows, cols): the squared distance between two (1, C, H, W) maps summed over each ``positions`` square tile
+    (the last row and column of tiles may be smaller), over the mean of the whole tiles' sums."""
+    square = (output.double() - content.double()).square().sum(1, keepdim=True)
+    sums = F.avg_pool2d(square, positions, ceil_mode=True, divisor_override=1)[0, 0]
+    whole = sums[: square.shape[-2] // positions, : square.shape[-1] // positions]
+    return sums / whole.mean().clamp_min(1e-30)
+
+
+def local_content_distance(vgg, output: Tensor, content: Tensor, layer: str = TILE_LAYER) -> Tensor:
+    """``tile_distances`` of relu4_2; ``content`` is resized to the output's shape here. Tile (i, j) covers the
+    image's pixels from (i, j) * 32 (8x the positions of relu4_2, after three poolings)."""
+    content = resize(content.to(output.device), tuple(output.shape[-2:]))
+    with torch.no_grad():
+        a, b = vgg(output, [layer])[layer], vgg(content, [layer])[layer]
+    return tile_distances(a, b)
+
+
 def evaluate(vgg, output: Tensor, content: Tensor, style: Tensor) -> dict[str, float | dict[str, float]]:
     """All measures of one output. ``content`` and ``style`` are resized here: the content to the output's
     shape, the style to the output's longest side (the scale ``stylize`` uses at its last level)."""
@@ -194,15 +305,23 @@ __all__ = [
     "PATCH_LAYERS",
     "STYLE_LAYERS",
     "best_patch_cosine",
+    "coherent_matches",
     "content_distance",
     "evaluate",
     "feature_points",
     "gaussian_window",
+    "local_content_distance",
     "luminance",
+    "motif_copies",
+    "motif_copies_of_maps",
+    "motif_mask",
+    "motif_share",
+    "motif_share_of_maps",
     "palette_distance",
     "patch_distance",
     "projections",
     "sliced_wasserstein",
     "ssim",
     "style_distance",
+    "tile_distances",
 ]

@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rematch-every", type=int, default=_DEFAULTS.rematch_every, help="search nearest patches every N iterations"
     )
     p.add_argument(
+        "--match-content",
+        type=float,
+        help="the content's share, 0 to 1, in what the local loss's nearest style patches are searched for "
+        f"(default {_DEFAULTS.match_content:g}; 0, the output alone, with --preset paper): keeps the painting's "
+        "motifs (eyes, faces) out of the photo's sky and water",
+    )
+    p.add_argument(
         "--mixed-precision",
         action=argparse.BooleanOptionalAction,
         default=_DEFAULTS.mixed_precision,
@@ -220,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = pick_device(args.device)
         content = load_image(args.content, "content")
         styles = style_terms(args)
-        explicit = {"init": args.init, "tv_weight": args.tv_weight}
+        explicit = {"init": args.init, "tv_weight": args.tv_weight, "match_content": args.match_content}
         settings = preset(
             args.preset,
             **{name: value for name, value in explicit.items() if value is not None},

@@ -94,6 +94,9 @@ class Settings:
     tv_weight: float = 10.0  # total-variation smoothing of pixel noise; the paper has none (0)
     color: str = "none"  # one of COLOR_MODES: "luminance" keeps the content's chroma, "histogram" recolours the styles
     local_all_levels: bool = False  # the local term on every pyramid level (the paper), not only the fine ones
+    # The content's share in what the local term's nearest style patches are searched for, from 0 (the output's
+    # features alone: the paper) to 1 (the content's alone); losses.PatchLoss says why
+    match_content: float = 0.5
     global_layers: tuple[str, ...] | None = None  # if given, every GlobalStyle's layers (the paper preset's)
     history_size: int = 20  # L-BFGS memory; each entry holds two image-sized vectors
     matcher: str = "fast"  # nearest-patch search, one of MATCHER_NAMES
@@ -135,6 +138,9 @@ class Settings:
             raise FusionError(f"learning_rate: expected a number > 0 or None, got {rate!r}")
         _check_weight("content_weight", self.content_weight)
         _check_weight("tv_weight", self.tv_weight)
+        share = self.match_content
+        if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 <= share <= 1):
+            raise FusionError(f"match_content: expected a number from 0 to 1, got {share!r}")
         for name in ("preview_every", "tile", "final_iterations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -174,7 +180,13 @@ def defaults(cls: type) -> SimpleNamespace:
 # defaults depart from it, set back. Everything else (layers, weights, pyramid) is the paper's in both.
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
-    "paper": {"init": "random", "tv_weight": 0.0, "local_all_levels": True, "global_layers": PAPER_GLOBAL_LAYERS},
+    "paper": {
+        "init": "random",
+        "tv_weight": 0.0,
+        "local_all_levels": True,
+        "global_layers": PAPER_GLOBAL_LAYERS,
+        "match_content": 0.0,
+    },
 }
 
 

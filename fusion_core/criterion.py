@@ -166,6 +166,14 @@ def build_criterion(
                 return gram.diagonal().sum() / gram.shape[0]
             return style_maps(style, [layer])[layer].square().mean()
 
+        content_maps: dict[str, Tensor] = {}
+
+        def content_map(layer: str) -> Tensor:
+            """The content image's map on ``layer`` (the content term's target, the patch search's guide)."""
+            if layer not in content_maps:
+                content_maps[layer] = _features(vgg, mirror_pad(resize(content, shape), margin), [layer], tile)[layer]
+            return content_maps[layer]
+
         active = [style for style in styles if style.weight > 0]
         for style in active:
             layers = style.feature_layers()
@@ -182,10 +190,12 @@ def build_criterion(
                     terms.append(("global", style.weight / len(layers), gram))
             else:
                 features = style_maps(style, layers)
-                terms.append(("local", style.weight, _patch_loss(style, features, style_masks, target_masks, settings)))
+                guide = content_map(style.layer) if settings.match_content > 0 else None
+                patch_loss = _patch_loss(style, features, style_masks, target_masks, settings, guide)
+                terms.append(("local", style.weight, patch_loss))
         if settings.content_weight > 0:
             layer = settings.content_layer
-            target = _features(vgg, mirror_pad(resize(content, shape), margin), [layer], tile)[layer]
+            target = content_map(layer)
             # The content distance's unit: the styles' mean squared activation on its layer (losses.py).
             energies = [style_energy(style, layer) for style in active]
             energy = float(torch.stack(energies).mean() if energies else target.square().mean())
@@ -199,6 +209,7 @@ def _patch_loss(
     style_masks: dict[str, Tensor | None],
     target_masks: dict[str, Tensor | None],
     settings: Settings,
+    guide: Tensor | None,
 ) -> PatchLoss:
     layer = style.layer
     eligible = weights = None
@@ -216,6 +227,8 @@ def _patch_loss(
         style_eligible=eligible,
         target_weights=weights,
         matcher=settings.matcher,
+        guide=guide,
+        guide_share=settings.match_content,
     )
 
 

@@ -103,7 +103,15 @@ class PatchLoss(nn.Module):
     pulls every output patch toward its match. The optimiser decides when to call ``match``.
 
     ``matcher`` names the search in ``matching.MATCHERS``; it is built for the style map at the first
-    ``match`` and kept, so per-style work (the fast search's projection) is done once per level."""
+    ``match`` and kept, so per-style work (the fast search's projection) is done once per level.
+
+    ``guide`` (the content image's map on this layer) and ``guide_share`` in [0, 1]: the nearest style patches are
+    searched for ``(1 - guide_share) * output + guide_share * guide`` rather than for the output alone (0, as Li
+    and Wand do). This differs from the paper. A search that sees only the output feeds on itself: a dark
+    reflection with a light spot in a photo's water is nearest to a painted eye, is pulled toward it, and so is
+    nearer still at the next search, until the eye is painted there. The content's share anchors each search to
+    what the photo shows at that place; the pull itself is still toward the matched style patch.
+    """
 
     def __init__(
         self,
@@ -115,11 +123,16 @@ class PatchLoss(nn.Module):
         style_eligible: Tensor | None = None,
         target_weights: Tensor | None = None,
         matcher: str = "exact",
+        guide: Tensor | None = None,
+        guide_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.layer, self.layers = layer, (layer,)
         self.patch_size, self.stride, self.matcher = patch_size, stride, matcher
         self.register_buffer("style", style_features.detach())
+        if guide_share > 0 and guide is None:
+            raise ValueError("guide_share > 0 needs a guide map")
+        self.guide, self.guide_share = (guide.detach() if guide_share > 0 else None), guide_share
         self.style_eligible = style_eligible
         self.target_weights = target_weights
         # squared norm of every style patch, in float64 where the device has it cheaply (precision.py)
@@ -140,10 +153,20 @@ class PatchLoss(nn.Module):
             self._search = MATCHERS[self.matcher](self.style, self.patch_size, self.stride, self.style_eligible)
         return self._search
 
+    def query(self, features: Tensor, origin: tuple[int, int] = (0, 0)) -> Tensor:
+        """What the nearest style patches are searched for, for ``features``, a window of the layer's map whose
+        first position is ``origin``: the features themselves, or their blend with the guide's same window."""
+        if self.guide is None:
+            return features
+        (top, left), (height, width) = origin, features.shape[-2:]
+        guide = self.guide[..., top : top + height, left : left + width]
+        return torch.lerp(features.float(), guide.float(), self.guide_share)
+
     @torch.no_grad()
     def match(self, features: dict[str, Tensor]) -> None:
         current = features[self.layer].detach()
-        self.indices = self._searcher()(current, self.indices)  # the fast search keeps the last match a candidate
+        # the fast search keeps the last match a candidate
+        self.indices = self._searcher()(self.query(current), self.indices)
         if current.device.type == "cpu" and getattr(self._search, "last_full", False):
             # A full search frees large blocks that glibc keeps in its heaps, and the allocations after it only
             # fragmented them: an untiled 2048 px level in float32 peaked at 9-13 GB against an estimate of 6.8 GB,
@@ -191,6 +214,7 @@ class PatchLoss(nn.Module):
         c0, c1 = max(0, cols.start - ring), min(new.shape[1], cols.stop + ring)
         y, x = r0 * step - origin[0], c0 * step - origin[1]
         query = features[..., y : y + (r1 - r0 - 1) * step + size, x : x + (c1 - c0 - 1) * step + size]
+        query = self.query(query, (r0 * step, c0 * step))
         before = None if previous is None else previous[r0:r1, c0:c1].reshape(-1)
         if ring:
             found = self._search.propagate(query, before, pool[r0:r1, c0:c1].reshape(before.shape[0], -1))

@@ -204,8 +204,8 @@ class FusionStyleFusedOptimize:
                     {
                         "default": "default",
                         "tooltip": "'paper': the paper's own set-up, overriding init (random), tv_weight (0) and "
-                        "using the local loss on every pyramid level; 'default' uses the inputs as they are, with "
-                        "the local loss only on levels where the style image is at least 256 px.",
+                        "match_content (0) and using the local loss on every pyramid level; 'default' uses the inputs "
+                        "as they are, with the local loss only on levels where the style image is at least 256 px.",
                     },
                 ),
                 "tile": (
@@ -231,6 +231,18 @@ class FusionStyleFusedOptimize:
                         "max": 10000,
                         "tooltip": "Iterations at the last, largest level; 0: the same as iterations. The last level "
                         "costs 4x the one before it, so fewer here saves most of a large print's time.",
+                    },
+                ),
+                "match_content": (
+                    "FLOAT",
+                    {
+                        "default": _DEFAULTS.match_content,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.05,
+                        "tooltip": "How much the local loss looks at the content photo when it picks each patch's "
+                        "nearest style patch: 0 looks at the result alone (the paper), which can paint a portrait's "
+                        "eyes into a landscape's sky or water; 1 at the photo alone. The preset 'paper' sets 0.",
                     },
                 ),
             },
@@ -259,6 +271,7 @@ class FusionStyleFusedOptimize:
         preset=None,
         tile=None,
         final_iterations=None,
+        match_content=None,
     ):
         inputs = dict(
             content_weight=content_weight,
@@ -278,6 +291,7 @@ class FusionStyleFusedOptimize:
             preview_every=PREVIEW_EVERY,
             tile=tile or _DEFAULTS.tile,
             final_iterations=final_iterations or _DEFAULTS.final_iterations,
+            match_content=_DEFAULTS.match_content if match_content is None else match_content,
         )
         settings = Settings(**{**inputs, **preset_fields(preset or "default")})  # the preset wins over the widgets
         check_layers(vgg, style_losses, settings)  # before any work: name the widget that asks for a missing layer

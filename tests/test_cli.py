@@ -190,3 +190,18 @@ def test_preset_and_explicit_flags_reach_the_settings(files, fake_stylize, flags
     assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
     s = captured[0]
     assert (s.init, s.tv_weight, s.local_all_levels, s.global_layers) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], Settings().match_content),
+        (["--match-content", "0.8"], 0.8),
+        (["--preset", "paper"], 0.0),
+        (["--preset", "paper", "--match-content", "0.25"], 0.25),
+    ],
+)
+def test_match_content_reaches_the_settings_and_the_paper_preset_sets_it_to_zero(files, fake_stylize, flags, expected):
+    captured = fake_stylize(cli)
+    assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
+    assert captured[0].match_content == expected

@@ -213,3 +213,86 @@ def test_patch_distance_is_zero_for_the_style_itself_and_positive_otherwise():
     assert set(itself) == {*metrics.PATCH_LAYERS, "mean"} and itself["mean"] == pytest.approx(0.0, abs=1e-9)
     other = metrics.patch_distance(vgg, smooth_image(40, 40, 9), style)
     assert 0 < other["mean"] <= 2
+
+
+# --- motifs pasted out of place, and where an output strays from the content ---
+
+
+def test_motif_mask_counts_positions_by_their_centre():
+    mask = metrics.motif_mask((4, 10), [[0.0, 0.0, 0.25, 0.5], [0.9, 0.75, 1.0, 1.0]])
+    expected = torch.zeros(4, 10, dtype=torch.bool)
+    expected[:2, :3] = True  # centres 0.05, 0.15, 0.25 (x; the edge counts) and 0.125, 0.375 (y)
+    expected[3, 9] = True  # centre (0.95, 0.875)
+    assert torch.equal(mask, expected)
+
+
+def brute_force_coherence(index: torch.Tensor, grid: tuple[int, int], style_cols: int) -> torch.Tensor:
+    rows, cols = grid
+    out = torch.zeros(rows, cols, dtype=torch.bool)
+    for y in range(rows):
+        for x in range(cols):
+            my, mx = divmod(int(index[y * cols + x]), style_cols)
+            agree = total = 0
+            for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+                ny, nx = y + dy, x + dx
+                if 0 <= ny < rows and 0 <= nx < cols:
+                    ty, tx = divmod(int(index[ny * cols + nx]), style_cols)
+                    total += 1
+                    agree += abs(ty - (my + dy)) <= 1 and abs(tx - (mx + dx)) <= 1
+            out[y, x] = agree * 2 >= total
+    return out
+
+
+def test_coherent_matches_against_a_brute_force_loop():
+    generator = torch.Generator().manual_seed(3)
+    style_rows, style_cols, grid = 9, 11, (6, 7)
+    # a copied block (matches shifted with their positions) beside random matches
+    index = torch.randint(0, style_rows * style_cols, (grid[0] * grid[1],), generator=generator)
+    for y in range(3):
+        for x in range(4):
+            index[y * grid[1] + x] = (y + 2) * style_cols + (x + 5)
+    found = metrics.coherent_matches(index, grid, style_cols)
+    assert torch.equal(found, brute_force_coherence(index, grid, style_cols))
+    assert found[:3, :4].all()  # the copied block
+
+
+def test_motif_share_of_a_copied_motif_and_of_a_copy_elsewhere():
+    generator = torch.Generator().manual_seed(5)
+    style = torch.rand(1, 4, 12, 12, generator=generator)
+    motif = torch.zeros(12, 12, dtype=torch.bool)
+    motif[2:6, 2:6] = True
+    # the output is the style's block [1:7, 1:7] (patch centres 2..5: all inside the motif) ...
+    output = style[..., 1:7, 1:7].clone()
+    assert metrics.motif_share_of_maps(output, style, motif) == 1.0
+    # ... unless the content there is the motif too: the photo calls for it
+    assert metrics.motif_share_of_maps(output, style, motif, content=output) == 0.0
+    assert metrics.motif_share_of_maps(output, style, motif, content=style[..., 5:11, 5:11]) == 1.0
+    # ... or a block away from it: the same patches copied, none from the motif
+    elsewhere = style[..., 5:12, 5:12].clone()
+    assert metrics.motif_share_of_maps(elsewhere, style, motif) == 0.0
+    # the motif's patches scattered (every other patch of the block, in a shuffled order): no coherent copy
+    scattered = torch.cat([style[..., 1:7, 1:7].flip(-1), style[..., 1:7, 1:7]], dim=-1).flip(-2)
+    assert metrics.motif_share_of_maps(scattered, style, motif) < 0.5
+
+
+def test_tile_distances_against_a_direct_sum():
+    generator = torch.Generator().manual_seed(2)
+    a, b = torch.rand(1, 3, 9, 10, generator=generator), torch.rand(1, 3, 9, 10, generator=generator)
+    found = metrics.tile_distances(a, b, positions=4)
+    square = (a - b).double().square().sum(1)[0]
+    sums = torch.tensor([[float(square[y : y + 4, x : x + 4].sum()) for x in range(0, 10, 4)] for y in range(0, 9, 4)])
+    whole = sums[:2, :2].mean()  # the tiles of a full 4 x 4
+    assert torch.allclose(found, sums.double() / whole)
+    assert found.shape == (3, 3)
+
+
+def test_local_content_distance_finds_the_tile_that_changed():
+    vgg = tiny_vgg()
+    content = smooth_image(64, 96, seed=4)
+    output = content.clone()
+    output[..., 32:48, 64:80] = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    tiles = metrics.local_content_distance(vgg, output, content, layer="relu2_1")
+    # relu2_1 has one pool: 4 positions per tile = 8 px; the changed block, widened by the receptive field, is worst
+    worst = divmod(int(tiles.flatten().argmax()), tiles.shape[1])
+    assert 3 <= worst[0] <= 6 and 7 <= worst[1] <= 10
+    assert float(metrics.local_content_distance(vgg, content, content, layer="relu2_1").max()) == 0.0

@@ -425,6 +425,7 @@ def test_optimize_optimiser_inputs_reach_fusion_core(fake_stylize, node_vgg, con
         "mixed_precision",
         "tile",
         "final_iterations",
+        "match_content",
     ):
         assert getattr(omitted, name) == getattr(defaults, name), name
     assert (omitted.local_all_levels, omitted.global_layers) == (False, None)  # no preset input: the default one
@@ -435,8 +436,10 @@ def test_optimize_paper_preset_wins_over_the_widgets(fake_stylize, node_vgg, con
     settings = capture_settings(*given, init="recolored", tv_weight=10.0, preset="paper")
     assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("random", 0.0, True)
     assert settings.global_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_2")
-    settings = capture_settings(*given, init="content", tv_weight=3.0, preset="default")
+    assert settings.match_content == 0.0
+    settings = capture_settings(*given, init="content", tv_weight=3.0, preset="default", match_content=0.7)
     assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("content", 3.0, False)
+    assert settings.match_content == 0.7
     with pytest.raises(FusionError, match="preset: 'gatys' is not one of default, paper"):
         capture_settings(*given, preset="gatys")
 

@@ -14,6 +14,8 @@ from fusion_core.config import preset
 from fusion_core.criterion import build_criterion, styles_at_level
 from fusion_core.geometry import border_margin
 from fusion_core.images import mirror_pad, resize
+from fusion_core.losses import PatchLoss
+from fusion_core.matching import nearest_patches
 from fusion_core.stylize import carry_up, stylize
 
 FAST = dict(size=48, levels=2, iterations=6)
@@ -212,6 +214,8 @@ def test_zero_weight_terms_are_left_out(vgg, images):
         (dict(content_weight=-1.0), "content_weight: expected a finite number >= 0"),
         (dict(mixed_precision="false"), "mixed_precision: expected True or False, got 'false'"),
         (dict(local_all_levels=1), "local_all_levels: expected True or False, got 1"),
+        (dict(match_content=1.5), "match_content: expected a number from 0 to 1, got 1.5"),
+        (dict(match_content=True), "match_content: expected a number from 0 to 1, got True"),
     ],
 )
 def test_bad_settings(vgg, images, change, message):
@@ -324,9 +328,11 @@ def test_the_paper_preset_sets_back_what_the_defaults_change():
     paper, default = preset("paper"), Settings()
     assert (paper.init, paper.tv_weight, paper.local_all_levels) == ("random", 0.0, True)
     assert paper.global_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_2")  # the paper's Gram layers
+    assert paper.match_content == 0.0  # the nearest patches of the output alone
     assert (default.init, default.local_all_levels, default.global_layers) == ("recolored", False, None)
-    assert default.tv_weight > 0
-    same = {k for k in vars(default) if k not in ("init", "tv_weight", "local_all_levels", "global_layers")}
+    assert default.tv_weight > 0 and default.match_content > 0
+    changed = ("init", "tv_weight", "local_all_levels", "global_layers", "match_content")
+    same = {k for k in vars(default) if k not in changed}
     assert all(getattr(paper, k) == getattr(default, k) for k in same)
     assert preset("paper", init="content").init == "content"  # explicit changes win
 
@@ -405,3 +411,46 @@ def test_a_margin_scores_the_mirrored_canvas_with_the_content_and_masks_padded_a
     for name in a:
         assert float(a[name]) == pytest.approx(float(b[name]), rel=1e-6), name
     assert border_margin((341, 512)) == 8 and border_margin((24, 32)) == 4
+
+
+# --- the patch search guided by the content ------------------------------------------------------
+
+
+@pytest.mark.parametrize("matcher", ["exact", "fast"])
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_the_patch_search_looks_for_the_blend_of_output_and_content(matcher, share):
+    """With a guide, the matches are the search's own for (1 - share) * output + share * content: the exact search's
+    against a direct search of the blend, the fast search's against the same search run on the blend itself."""
+    generator = torch.Generator().manual_seed(4)
+    style, output, content = (torch.rand(1, 6, h, w, generator=generator) for h, w in ((14, 15), (11, 12), (11, 12)))
+    guided = PatchLoss("relu3_1", style, matcher=matcher, guide=content, guide_share=share)
+    plain = PatchLoss("relu3_1", style, matcher=matcher)
+    blend = (1 - share) * output + share * content
+    guided.match({"relu3_1": output})
+    plain.match({"relu3_1": blend})
+    assert torch.equal(guided.indices, plain.indices)
+    if matcher == "exact":
+        assert torch.equal(guided.indices, nearest_patches(blend, style, 3, 1))
+    # the pull is toward the matched style patches from the output itself, whatever the search looked at
+    pulled = guided({"relu3_1": output})
+    assert torch.allclose(pulled, plain({"relu3_1": output}))
+
+
+def test_the_guide_is_the_content_target_when_both_use_one_layer(vgg, images):
+    """The content term's target map serves as the patch search's guide: no second map of the content."""
+    content, style = images
+    settings = Settings(size=56, levels=1, content_layer="relu3_1", match_content=0.5)
+    criterion = build_criterion(vgg, content, fused(style), settings, (40, 56))
+    (patch,) = [module for kind, _, module in criterion.terms if kind == "local"]
+    (content_term,) = [module for kind, _, module in criterion.terms if kind == "content"]
+    assert patch.guide.data_ptr() == content_term.target.data_ptr()  # one map, shared
+    paper = build_criterion(vgg, content, fused(style), replace(settings, match_content=0.0), (40, 56))
+    assert [module for kind, _, module in paper.terms if kind == "local"][0].guide is None
+    other = build_criterion(vgg, content, fused(style), replace(settings, content_layer="relu4_1"), (40, 56))
+    guide = [module for kind, _, module in other.terms if kind == "local"][0].guide
+    assert torch.equal(guide, vgg(content, ["relu3_1"])["relu3_1"])  # computed for its own layer
+
+
+def test_a_guide_share_needs_a_guide():
+    with pytest.raises(ValueError, match="guide_share > 0 needs a guide map"):
+        PatchLoss("relu3_1", torch.rand(1, 2, 5, 5), guide_share=0.5)
