@@ -52,7 +52,6 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
-from fusion_core.criterion import build_criterion  # noqa: E402
 from fusion_core.functional import patches, positions_last  # noqa: E402
 from fusion_core.geometry import fit_longest, level_shapes  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
@@ -64,6 +63,7 @@ from fusion_core.matching import (  # noqa: E402
 )
 from fusion_core.precision import mixed_dtype  # noqa: E402
 from fusion_core.stylize import stylize  # noqa: E402
+from fusion_core.targets import build_criterion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -39,11 +39,11 @@ import metrics  # noqa: E402
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
 from fusion_core.config import PRESETS, preset  # noqa: E402
-from fusion_core.criterion import build_criterion  # noqa: E402
 from fusion_core.geometry import fit_longest  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
 from fusion_core.losses import CONTENT_SCALE, LOCAL_SCALE  # noqa: E402
 from fusion_core.stylize import stylize  # noqa: E402
+from fusion_core.targets import build_criterion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

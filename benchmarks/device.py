@@ -37,12 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg, save_image  # noqa: E402
-from fusion_core.criterion import build_criterion  # noqa: E402
 from fusion_core.geometry import fit_longest, style_shape  # noqa: E402
 from fusion_core.images import resize  # noqa: E402
 from fusion_core.matching import FULL_SEARCH_EVERY, MATCHERS  # noqa: E402
 from fusion_core.precision import best_device, mixed_dtype  # noqa: E402
 from fusion_core.stylize import stylize  # noqa: E402
+from fusion_core.targets import build_criterion  # noqa: E402
 
 SHARED_VGG16 = ROOT.parent / "shared" / "models" / "vgg16_hed_caffe_fp16.safetensors"
 CONTENT = ROOT / "example_images" / "chelsea.png"

@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
-from fusion_core.criterion import build_criterion  # noqa: E402
 from fusion_core.geometry import level_shapes  # noqa: E402
 from fusion_core.precision import mixed_dtype  # noqa: E402
 from fusion_core.stylize import stylize  # noqa: E402
+from fusion_core.targets import build_criterion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -288,6 +288,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="per level (default: the library's)")
     parser.add_argument("--pairs", nargs="+", default=None, help=f"pairs to run (default all: {', '.join(pairs())})")
     parser.add_argument("--group", choices=["anchor", "shared", "motif", "unseen"], action="append", default=None)
+    parser.add_argument("--global-weight", type=float, default=GlobalStyle.__dataclass_fields__["weight"].default)
+    parser.add_argument("--local-weight", type=float, default=LocalStyle.__dataclass_fields__["weight"].default)
     parser.add_argument("--gatys", action="store_true", help="also render and measure the plain Gatys run per pair")
     parser.add_argument("--gatys-iterations", type=int, default=GATYS_ITERATIONS)
     parser.add_argument(
@@ -325,6 +327,7 @@ def main() -> None:
     print(
         f"settings: preset {args.preset}, size {settings.size}, {settings.levels} levels x {settings.iterations} "
         f"iterations (last {settings.level_iterations(settings.levels - 1)}), init {settings.init}, "
+        f"a1 {args.global_weight:g}, a2 {args.local_weight:g}, a3 {settings.content_weight:g}, "
         f"tv {settings.tv_weight:g}, match_content {settings.match_content:g}, local on all levels "
         f"{settings.local_all_levels}, Gram layers {settings.global_layers or 'default'}; changes {args.set}; "
         f"weights {Path(args.weights).name}; "
@@ -339,8 +342,9 @@ def main() -> None:
         content, style = load_image(pair["content"]), load_image(pair["style"])
         motifs = MOTIFS.get(pair["style"].name)
         fields = [name, args.preset, *(f"{k}={v}" for k, v in sorted(dataclasses.asdict(settings).items())), digest]
+        fields += [args.global_weight, args.local_weight]
         key = hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()[:16]
-        terms = [GlobalStyle(style), LocalStyle(style)]
+        terms = [GlobalStyle(style, weight=args.global_weight), LocalStyle(style, weight=args.local_weight)]
         ours, seconds = cached_render(cache / f"{name}_{key}", partial(stylize, vgg, content, terms, settings))
         record = {
             "content": pair["content"].name,

@@ -9,18 +9,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .allocator import freed_memory_returned
+from .choices import settings_for, term_weight
 from .config import (
     COLOR_MODES,
     INITS,
     MATCHER_NAMES,
     OPTIMIZERS,
+    PRESET_WEIGHTS,
     PRESETS,
     GlobalStyle,
     LocalStyle,
     Progress,
     Settings,
     defaults,
-    preset,
 )
 from .errors import Cancelled, FusionError
 from .images import check_output_path, load_image, save_image
@@ -58,24 +60,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="input convention of the weights (auto: the file's metadata, else torchvision)",
     )
     p.add_argument("--pooling", default="max", choices=["max", "avg"])
-    p.add_argument("--size", type=int, default=_DEFAULTS.size, help="longest side of the output in pixels")
-    p.add_argument("--levels", type=int, default=_DEFAULTS.levels, help="coarse-to-fine pyramid levels")
-    p.add_argument("--iters", type=int, default=_DEFAULTS.iterations, help="iterations per level")
+    p.add_argument("--size", type=int, help=f"longest side of the output in pixels (default {_DEFAULTS.size})")
+    p.add_argument("--levels", type=int, help=f"coarse-to-fine pyramid levels (default {_DEFAULTS.levels})")
+    p.add_argument("--iters", type=int, help=f"iterations per level before the last (default {_DEFAULTS.iterations})")
     p.add_argument(
         "--final-iters",
         type=int,
-        default=_DEFAULTS.final_iterations,
-        help="iterations at the last, largest level (default 0: --iters); fewer saves most of a large print's time",
+        help=f"iterations at the last, largest level (default {_DEFAULTS.final_iterations}; 0: --iters); the last "
+        "level costs 4x the one before it",
     )
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    p.add_argument("--global-weight", type=float, default=_GLOBAL.weight, help="a1: Gram (global) style weight")
-    p.add_argument("--local-weight", type=float, default=_LOCAL.weight, help="a2: MRF patch (local) style weight")
-    p.add_argument("--content-weight", type=float, default=_DEFAULTS.content_weight, help="a3: content weight")
+    p.add_argument("--seed", type=int, help=f"seed of the random start (default {_DEFAULTS.seed})")
+    p.add_argument("--global-weight", type=float, help=f"a1: Gram (global) style weight (default {_GLOBAL.weight:g})")
+    p.add_argument(
+        "--local-weight",
+        type=float,
+        help=f"a2: MRF patch (local) style weight (default {_LOCAL.weight:g}; {PRESET_WEIGHTS['paper']['local']:g} "
+        "with --preset paper)",
+    )
+    p.add_argument(
+        "--content-weight",
+        type=float,
+        help=f"a3: content weight (default {_DEFAULTS.content_weight:g}; {PRESETS['paper']['content_weight']:g} with "
+        "--preset paper)",
+    )
     p.add_argument(
         "--preset",
         default="default",
         choices=list(PRESETS),
-        help="paper: the paper's own set-up (random start, no total variation, local term on every level); "
+        help="paper: the paper's own set-up (random start, no total variation, local term on every level, a2 1e-4, "
+        "a3 20, its Gram layers, no content in the patch search); "
         "flags given explicitly still apply",
     )
     p.add_argument(
@@ -98,11 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--color",
-        default=_DEFAULTS.color,
         choices=list(COLOR_MODES),
         help="keep the content's colours: luminance-only transfer or style histogram matching",
     )
-    p.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=list(OPTIMIZERS))
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), help=f"default {_DEFAULTS.optimizer}")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for L-BFGS, 0.02 for Adam)")
     p.add_argument(
         "--tv-weight",
@@ -112,12 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="also write the current image to --out every N iterations")
     p.add_argument(
         "--matcher",
-        default=_DEFAULTS.matcher,
         choices=list(MATCHER_NAMES),
         help="nearest-patch search of the local loss: fast (default) or exact (every style patch, every time)",
     )
     p.add_argument(
-        "--rematch-every", type=int, default=_DEFAULTS.rematch_every, help="search nearest patches every N iterations"
+        "--rematch-every",
+        type=int,
+        help=f"search nearest patches every N iterations (default {_DEFAULTS.rematch_every})",
     )
     p.add_argument(
         "--match-content",
@@ -129,17 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mixed-precision",
         action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS.mixed_precision,
         help="16-bit VGG pass and patch search where the hardware has it (float16 on CUDA, bfloat16 on CPUs with "
         "AVX512-BF16 or AMX); losses and image stay float32. --no-mixed-precision: float32 throughout",
     )
     p.add_argument(
+        "--max-memory",
+        type=float,
+        metavar="GB",
+        help="the most memory the process may hold on its device, in GB: levels are evaluated in tiles, with a "
+        "shorter L-BFGS history, to fit (default 0: what the device has free)",
+    )
+    p.add_argument(
         "--tile",
         type=int,
-        default=_DEFAULTS.tile,
         metavar="PX",
         help="evaluate each level in tiles of at most PX px, the deep layers whole where they fit (the same result, "
-        "in less memory; README 'Large prints'). "
+        "in less memory; docs/large_prints.md). "
         "0 (default): tiles only where a level would not fit in the memory available",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps")
@@ -168,10 +186,7 @@ def _progress_printer(quiet: bool):
         if quiet or not (p.iteration == 1 or p.iteration % 10 == 0 or p.iteration == p.iterations):
             return
         terms = "  ".join(f"{name} {value:.4g}" for name, value in p.losses.items())
-        plan = ""
-        if p.tiles > 1 and p.iteration == 1:
-            whole = f" (layers after {p.split} whole)" if p.split else ""
-            plan = f"  {p.tiles} tiles{whole}, L-BFGS history {p.history}"
+        plan = f"  {p.plan()}" if p.tiles > 1 and p.iteration == 1 else ""
         print(
             f"level {p.level}/{p.levels}  iter {p.iteration:>4}/{p.iterations}  [{p.step}/{p.steps}]  "
             f"{terms}  {time.monotonic() - start:.0f}s{plan}",
@@ -194,7 +209,7 @@ def _download_printer(quiet: bool):
 def style_terms(args: argparse.Namespace) -> list[GlobalStyle | LocalStyle]:
     """A global and a local term per --style, weighted by its blend weight and limited to its --mask."""
     n = len(args.style)
-    blend = args.blend or [1.0 / n] * n
+    blend = args.blend or [1.0] * n  # shared out by the library (choices.blend_shares)
     if len(blend) != n or any(b < 0 for b in blend) or sum(blend) <= 0:
         raise FusionError(f"blend: give {n} weight(s) >= 0, one per --style, not all zero; got {args.blend}")
     if args.mask and len(args.mask) != n:
@@ -203,9 +218,9 @@ def style_terms(args: argparse.Namespace) -> list[GlobalStyle | LocalStyle]:
     for i, path in enumerate(args.style):
         style = load_image(path, f"style {path}")
         mask = load_image(args.mask[i], f"mask {args.mask[i]}").mean(1)[0] if args.mask else None
-        share = blend[i] / sum(blend)
-        terms.append(GlobalStyle(style, weight=args.global_weight * share, target_mask=mask, scale=args.style_scale))
-        terms.append(LocalStyle(style, weight=args.local_weight * share, target_mask=mask, scale=args.style_scale))
+        common = dict(target_mask=mask, scale=args.style_scale, blend=blend[i])
+        terms.append(GlobalStyle(style, weight=term_weight(args.preset, "global", args.global_weight), **common))
+        terms.append(LocalStyle(style, weight=term_weight(args.preset, "local", args.local_weight), **common))
     return terms
 
 
@@ -227,10 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = pick_device(args.device)
         content = load_image(args.content, "content")
         styles = style_terms(args)
-        explicit = {"init": args.init, "tv_weight": args.tv_weight, "match_content": args.match_content}
-        settings = preset(
-            args.preset,
-            **{name: value for name, value in explicit.items() if value is not None},
+        # Settings flags have no default here: a flag given is the user's choice and wins over the preset, a flag left
+        # out leaves the field to the preset (and the preset to the defaults)
+        given = dict(
+            init=args.init,
+            tv_weight=args.tv_weight,
+            match_content=args.match_content,
             content_weight=args.content_weight,
             size=args.size,
             levels=args.levels,
@@ -245,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rematch_every=args.rematch_every,
             mixed_precision=args.mixed_precision,
             tile=args.tile,
+            max_memory=args.max_memory,
         )
+        settings = settings_for(args.preset, {name: value for name, value in given.items() if value is not None})
         vgg = load_vgg(
             args.weights,
             convention=args.convention,
@@ -254,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=_download_printer(args.quiet),
         ).to(device)
         on_progress = _saver(args.out, args.save_every, _progress_printer(args.quiet))
-        image = stylize(vgg, content, styles, settings, on_progress=on_progress)
+        # the command line owns its process: levels in tiles may change its allocator's setting (allocator.py)
+        image = stylize(vgg, content, styles, settings, on_progress=on_progress, tiled_level=freed_memory_returned)
         save_image(image, args.out)
     except FusionError as error:
         print(f"fusion-style: error: {error}", file=sys.stderr)

@@ -27,16 +27,26 @@ MATCHER_NAMES = ("fast", "exact")
 LOCAL_MIN_STYLE_SIDE = 256
 
 
+# The style terms' weights (a1, a2) each preset starts from; a weight the user gives wins (choices.term_weight).
+# Ours halve the paper's a2 and a3 (content_weight) against its a1: the local term's search looks at the content
+# too (match_content), which tames its pull on structure, so the Gram term can carry more of the style.
+PRESET_WEIGHTS: dict[str, dict[str, float]] = {
+    "default": {"global": 20.0, "local": 5e-5},
+    "paper": {"global": 20.0, "local": 1e-4},
+}
+
+
 @dataclass
 class GlobalStyle:
     """Gram-matrix style loss (Gatys et al. 2016): colour, texture statistics, overall structure."""
 
     image: Tensor
-    weight: float = 20.0  # a1
+    weight: float = PRESET_WEIGHTS["default"]["global"]  # a1
     layers: tuple[str, ...] = GLOBAL_LAYERS
     target_mask: Tensor | None = None  # where on the output this style applies (1 = here)
     style_mask: Tensor | None = None  # which part of the style image it draws from
     scale: float = 1.0  # style image size relative to the output: > 1 gives larger brush strokes
+    blend: float = 1.0  # this style's part among the terms of its kind over the same region (choices.blend_shares)
 
     def feature_layers(self) -> tuple[str, ...]:
         return tuple(self.layers)
@@ -45,6 +55,7 @@ class GlobalStyle:
         """Raise a FusionError naming ``name`` if a number is out of range (layer names are the network's to
         check)."""
         _check_weight(f"{name}.weight", self.weight)
+        _check_weight(f"{name}.blend", self.blend)
         _check_scale(f"{name}.scale", self.scale)
         if not self.layers or isinstance(self.layers, str):
             raise FusionError(f"{name}.layers: give a tuple of at least one layer, got {self.layers!r}")
@@ -55,13 +66,14 @@ class LocalStyle:
     """MRF patch loss (Li & Wand 2016): every output patch pulled toward its nearest style patch."""
 
     image: Tensor
-    weight: float = 1e-4  # a2
+    weight: float = PRESET_WEIGHTS["default"]["local"]  # a2 (the paper's 1e-4: PRESET_WEIGHTS)
     layer: str = "relu3_1"
     patch_size: int = 3
     stride: int = 1
     target_mask: Tensor | None = None
     style_mask: Tensor | None = None
     scale: float = 1.0
+    blend: float = 1.0  # as GlobalStyle's
 
     def feature_layers(self) -> tuple[str, ...]:
         return (self.layer,)
@@ -69,6 +81,7 @@ class LocalStyle:
     def validate(self, name: str = "style") -> None:
         """Raise a FusionError naming ``name`` if a number is out of range."""
         _check_weight(f"{name}.weight", self.weight)
+        _check_weight(f"{name}.blend", self.blend)
         _check_scale(f"{name}.scale", self.scale)
         _check_count(f"{name}.patch_size", self.patch_size)
         _check_count(f"{name}.stride", self.stride)
@@ -81,12 +94,12 @@ StyleTerm = GlobalStyle | LocalStyle
 class Settings:
     """How to optimise: content term, pyramid, optimiser, reproducibility, reporting."""
 
-    content_weight: float = 20.0  # a3
+    content_weight: float = 10.0  # a3 (the paper's 20: the paper preset)
     content_layer: str = "relu3_1"
     size: int = 512  # longest side of the output, in pixels
     levels: int = 3  # coarse-to-fine pyramid levels, each twice the size of the one before
-    iterations: int = 100  # optimiser iterations per level
-    final_iterations: int = 0  # iterations at the last, largest level (0: ``iterations``); fewer saves most time
+    iterations: int = 80  # optimiser iterations per level
+    final_iterations: int = 30  # iterations at the last, largest level (0: ``iterations``); fewer saves most time
     init: str = "recolored"  # one of INITS; the paper starts from noise ("random")
     seed: int = 0
     optimizer: str = "lbfgs"  # one of OPTIMIZERS
@@ -108,6 +121,10 @@ class Settings:
     # Evaluate each level in tiles of at most this many px, the deep layers whole where they fit (exact, tiling.py);
     # 0: only a level that would not fit in the memory available, as memory.plan_level chooses
     tile: int = 0
+    # The most memory the run may leave the process holding on its device, in GB: the levels are planned (whole or in
+    # tiles, the L-BFGS history) to fit it beside what the process holds already (memory.held_bytes: on a CPU the
+    # process's resident memory, torch itself included). 0: what the device has free
+    max_memory: float = 0.0
 
     def level_iterations(self, level: int) -> int:
         """Iterations at 0-based pyramid ``level``."""
@@ -138,6 +155,9 @@ class Settings:
             raise FusionError(f"learning_rate: expected a number > 0 or None, got {rate!r}")
         _check_weight("content_weight", self.content_weight)
         _check_weight("tv_weight", self.tv_weight)
+        memory = self.max_memory
+        if isinstance(memory, bool) or not (isinstance(memory, (int, float)) and 0 <= memory < math.inf):
+            raise FusionError(f"max_memory: expected a number of GB >= 0 (0: what the device has), got {memory!r}")
         share = self.match_content
         if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 <= share <= 1):
             raise FusionError(f"match_content: expected a number from 0 to 1, got {share!r}")
@@ -186,6 +206,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "local_all_levels": True,
         "global_layers": PAPER_GLOBAL_LAYERS,
         "match_content": 0.0,
+        "content_weight": 20.0,
+        "final_iterations": 0,
+        "iterations": 100,
     },
 }
 
@@ -217,3 +240,10 @@ class Progress:
     tiles: int = 1  # tiles the level is evaluated in (tiling.py); 1: whole
     history: int = 0  # the L-BFGS history kept at this level (0 with Adam)
     split: str | None = None  # tiled: the layer after which the network runs on the whole map (tiling.py)
+
+    def plan(self) -> str:
+        """How the level is evaluated, in words: "9 tiles (layers after pool3 whole), L-BFGS history 5"."""
+        if self.tiles <= 1:
+            return f"whole, L-BFGS history {self.history}"
+        whole = f" (layers after {self.split} whole)" if self.split else ""
+        return f"{self.tiles} tiles{whole}, L-BFGS history {self.history}"

@@ -1,29 +1,29 @@
-"""The loss of one pyramid level: a1 * global + a2 * local + a3 * content (+ TV), with its targets.
+"""The loss of one pyramid level: a1 * global + a2 * local + a3 * content (+ TV), evaluated on an image.
 
-``build_criterion`` computes the targets at the level's size once (content features, style Grams, style patch
-banks); ``Criterion`` evaluates the weighted terms on an image, running the VGG pass in 16 bits where the
-device has them (precision.py).
+``Criterion`` holds the level's weighted terms (``Term``s; targets.py builds them) and evaluates them on an image,
+running the VGG pass in 16 bits where the device has them (precision.py). Its public contract, which the tiled
+evaluation (tiling.py) builds on: ``terms``, ``terms_at(layer)``, ``layers``, ``layers_after(layer)``,
+``evaluate_after(split_map, split)``, ``half_dtype``, ``gradient_scale``, ``tv_weight``, ``vgg``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .config import LOCAL_MIN_STYLE_SIDE, GlobalStyle, LocalStyle, Settings, StyleTerm
-from .errors import FusionError
-from .functional import gram_matrix, patch_weights
-from .geometry import feature_shape, style_shape, with_margin
-from .images import mirror_pad, resize, resize_mask
-from .losses import ContentLoss, GramLoss, PatchLoss, TVLoss
+from .losses import PatchLoss, TVLoss
 from .precision import GradientScale, autocast, float32_region, full_float32, mixed_dtype
-from .tiling import tiled_maps
 from .vgg import VGGFeatures
 
-Term = tuple[str, float, torch.nn.Module]  # (kind: "global" / "local" / "content", weight, loss module)
+
+class Term(NamedTuple):
+    """One weighted term of a level's loss."""
+
+    kind: str  # "global", "local" or "content": the name its value is reported under
+    weight: float  # a1, a2 or a3 (a blend's share of it)
+    module: torch.nn.Module  # the loss module (losses.py): its ``layers``, called on the activations
 
 
 class Criterion:
@@ -35,15 +35,25 @@ class Criterion:
         self.half_dtype = mixed_dtype(vgg.device, mixed_precision)
         # float16's range needs the scale; bfloat16 has float32's (precision.GradientScale)
         self.gradient_scale = GradientScale(enabled=self.half_dtype == torch.float16)
-        self.layers = {layer for _, _, module in terms for layer in module.layers}
-        self.due: dict[str, list[Term]] = {}  # deepest layer of a term -> the terms evaluated there
+        self.layers = {layer for term in terms for layer in term.module.layers}
+        self.full_search = False  # whether the last evaluation ran a full patch search (PatchLoss.match)
+        self._due: dict[str, list[Term]] = {}  # deepest layer of a term -> the terms evaluated there
         for term in terms:
-            self.due.setdefault(max(term[2].layers, key=vgg.names.index), []).append(term)
+            self._due.setdefault(max(term.module.layers, key=vgg.names.index), []).append(term)
+
+    def terms_at(self, layer: str) -> list[Term]:
+        """The terms evaluated as soon as the pass reaches ``layer``: those whose deepest layer it is."""
+        return self._due.get(layer, [])
+
+    def evaluate_after(self, split_map: Tensor, split: str, *, rematch: bool) -> dict[str, Tensor]:
+        """The terms on the layers after ``split``, ``split_map`` being that layer's map (a tiled evaluation's deep
+        layers, tiling.py): as ``__call__``, without the total variation."""
+        return self(split_map, rematch=rematch, after=split)
 
     def __call__(self, image: Tensor, *, rematch: bool, after: str | None = None) -> dict[str, Tensor]:
         """The weighted terms by kind, and their "total"; ``rematch``: search the nearest style patches again.
-        ``after`` (a tiled evaluation's split, tiling.py): ``image`` is that layer's map, and only the terms on the
-        layers after it are evaluated (no total variation).
+        ``after``: ``image`` is that layer's map, and only the terms on the layers after it are evaluated
+        (``evaluate_after``).
 
         Each term is evaluated as soon as the VGG pass has produced its layers. Autograd runs the most
         recently recorded operations first, so a term on a shallow layer then gets its gradient (as large
@@ -54,13 +64,14 @@ class Criterion:
         activations: dict[str, Tensor] = {}  # as the network gives them: 16-bit under autocast
         features: dict[str, Tensor] = {}  # as the losses see them: float32
         values: dict[str, Tensor] = {}
+        self.full_search = False
 
         def evaluate(name: str, activation: Tensor) -> None:
             activations[name] = activation
             features[name] = scale.for_losses(activation)
-            for kind, weight, module in self.due.get(name, ()):
+            for kind, weight, module in self.terms_at(name):
                 if rematch and isinstance(module, PatchLoss):
-                    module.match(activations)  # the patch search runs under autocast too
+                    self.full_search |= module.match(activations)  # the patch search runs under autocast too
                 with float32_region(device):
                     values[kind] = values.get(kind, 0.0) + weight * module(features)
 
@@ -90,156 +101,3 @@ class Criterion:
         with full_float32(self.half_dtype is None):
             values["total"].backward()
         return {name: value.detach() for name, value in values.items()}
-
-
-def styles_at_level(
-    styles: Sequence[StyleTerm], settings: Settings, shape: tuple[int, int], last: bool
-) -> list[StyleTerm]:
-    """The style terms used at a level of output ``shape``.
-
-    Unless ``settings.local_all_levels``, the local terms start at the first level whose style image is
-    LOCAL_MIN_STYLE_SIDE px on its longest side (always at the last level): below that a patch of the local
-    loss (32 px for 3x3 patches on relu3_1) is a whole motif of the style, a face or a hat, which the
-    nearest-patch pull would paste into the photo's sky or water. The coarse levels, which lay out colour and
-    large forms, are left to the global and content terms.
-    """
-    if settings.local_all_levels or last:
-        return list(styles)
-    return [
-        style
-        for style in styles
-        if not isinstance(style, LocalStyle) or round(max(shape) * style.scale) >= LOCAL_MIN_STYLE_SIDE
-    ]
-
-
-def build_criterion(
-    vgg: VGGFeatures,
-    content: Tensor,
-    styles: Sequence[StyleTerm],
-    settings: Settings,
-    shape: tuple[int, int],
-    *,
-    margin: int = 0,
-    tile: int = 0,
-) -> Criterion:
-    """Targets for one level: content features, style Grams and style patch banks at this size.
-
-    With a ``margin``, the criterion scores the image of ``shape`` with that mirrored border around it (see
-    ``geometry.border_margin``): the content and the target masks get the same border. With a ``tile`` (px), the
-    content and style images go through the network in tiles of that size (``tiling.tiled_maps``), so no
-    activation of a whole image is held but the targets themselves.
-    """
-    canvas = with_margin(shape, margin)
-    device = content.device
-
-    def on_canvas(mask: Tensor | None) -> Tensor | None:
-        if mask is None or margin == 0:
-            return mask
-        return F.pad(resize_mask(mask, shape)[None, None], (margin,) * 4, mode="replicate")[0, 0]
-
-    with torch.no_grad(), full_float32(mixed_dtype(device, settings.mixed_precision) is None):
-        terms: list[Term] = []
-        map_cache: dict[tuple[int, float], dict[str, Tensor]] = {}
-
-        def style_image(style: StyleTerm) -> Tensor:
-            return resize(style.image.to(device), style_shape(tuple(style.image.shape[-2:]), shape, style.scale))
-
-        def style_maps(style: StyleTerm, layers: Sequence[str]) -> dict[str, Tensor]:
-            # Each style image is resized and run through the network once per level and scale.
-            cached = map_cache.setdefault((id(style.image), style.scale), {})
-            missing = [layer for layer in layers if layer not in cached]
-            if missing:
-                cached.update(_features(vgg, style_image(style), missing, tile))
-            return {layer: cached[layer] for layer in layers}
-
-        def style_grams(style: StyleTerm, masks: dict[str, Tensor | None]) -> dict[str, Tensor]:
-            if tile:
-                return tiled_maps(vgg, style_image(style), tile, grams=masks)[1]
-            features = style_maps(style, list(masks))
-            return {layer: gram_matrix(features[layer], mask) for layer, mask in masks.items()}
-
-        def style_energy(style: StyleTerm, layer: str) -> Tensor:
-            """The style's mean squared activation on ``layer``: the trace of its Gram matrix over the channels."""
-            cached = map_cache.get((id(style.image), style.scale), {})
-            if tile and layer not in cached:
-                gram = style_grams(style, {layer: None})[layer][0]
-                return gram.diagonal().sum() / gram.shape[0]
-            return style_maps(style, [layer])[layer].square().mean()
-
-        content_maps: dict[str, Tensor] = {}
-
-        def content_map(layer: str) -> Tensor:
-            """The content image's map on ``layer`` (the content term's target, the patch search's guide)."""
-            if layer not in content_maps:
-                content_maps[layer] = _features(vgg, mirror_pad(resize(content, shape), margin), [layer], tile)[layer]
-            return content_maps[layer]
-
-        active = [style for style in styles if style.weight > 0]
-        for style in active:
-            layers = style.feature_layers()
-            size = style_shape(tuple(style.image.shape[-2:]), shape, style.scale)
-            target_masks = _masks_at(
-                on_canvas(style.target_mask), {l: feature_shape(canvas, l) for l in layers}, device
-            )
-            style_masks = _masks_at(style.style_mask, {l: feature_shape(size, l) for l in layers}, device)
-            if isinstance(style, GlobalStyle):
-                grams = style_grams(style, style_masks)
-                # One module per layer (the loss is their mean), each evaluated as soon as its layer exists.
-                for layer in layers:
-                    gram = GramLoss({layer: grams[layer]}, {layer: target_masks[layer]})
-                    terms.append(("global", style.weight / len(layers), gram))
-            else:
-                features = style_maps(style, layers)
-                guide = content_map(style.layer) if settings.match_content > 0 else None
-                patch_loss = _patch_loss(style, features, style_masks, target_masks, settings, guide)
-                terms.append(("local", style.weight, patch_loss))
-        if settings.content_weight > 0:
-            layer = settings.content_layer
-            target = content_map(layer)
-            # The content distance's unit: the styles' mean squared activation on its layer (losses.py).
-            energies = [style_energy(style, layer) for style in active]
-            energy = float(torch.stack(energies).mean() if energies else target.square().mean())
-            terms.append(("content", settings.content_weight, ContentLoss(layer, target, energy)))
-        return Criterion(vgg, terms, settings.tv_weight, settings.mixed_precision)
-
-
-def _patch_loss(
-    style: LocalStyle,
-    features: dict[str, Tensor],
-    style_masks: dict[str, Tensor | None],
-    target_masks: dict[str, Tensor | None],
-    settings: Settings,
-    guide: Tensor | None,
-) -> PatchLoss:
-    layer = style.layer
-    eligible = weights = None
-    if style_masks[layer] is not None:
-        eligible = patch_weights(style_masks[layer], style.patch_size, style.stride) >= 0.5
-        if not eligible.any():
-            raise FusionError("style_mask: the region is too small to hold one style patch at this size")
-    if target_masks[layer] is not None:
-        weights = patch_weights(target_masks[layer], style.patch_size, style.stride)
-    return PatchLoss(
-        layer,
-        features[layer],
-        style.patch_size,
-        style.stride,
-        style_eligible=eligible,
-        target_weights=weights,
-        matcher=settings.matcher,
-        guide=guide,
-        guide_share=settings.match_content,
-    )
-
-
-def _features(vgg: VGGFeatures, image: Tensor, layers: Sequence[str], tile: int) -> dict[str, Tensor]:
-    """``vgg(image, layers)``, in tiles of ``tile`` px when one is given."""
-    return tiled_maps(vgg, image, tile, layers)[0] if tile else vgg(image, layers)
-
-
-def _masks_at(
-    mask: Tensor | None, shapes: dict[str, tuple[int, int]], device: torch.device
-) -> dict[str, Tensor | None]:
-    if mask is None:
-        return dict.fromkeys(shapes)
-    return {layer: resize_mask(mask, shape).to(device) for layer, shape in shapes.items()}

@@ -166,10 +166,22 @@ def gram_distance(gram: Tensor, target_gram: Tensor) -> Tensor:
     return (gram - target_gram).square().sum() / target_gram.square().sum().clamp_min(_EPS)
 
 
+def gram_scale(square_weight: Tensor | None, positions: int) -> float | Tensor:
+    """The Gram matrix's normalisation for a map of ``positions`` positions: 1 / positions, or with a mask
+    (``square_weight``: the mask squared, at the layer's size) 1 / the mask's weight (``gram_matrix``)."""
+    return 1.0 / positions if square_weight is None else 1.0 / square_weight.sum().clamp_min(_EPS)
+
+
 def content_loss(features: Tensor, target: Tensor, energy: float | Tensor) -> Tensor:
     """Mean squared feature distance in units of ``energy`` (a mean squared activation)."""
-    # sum / numel rather than mean(): autograd then returns the gradient in the features' memory layout
-    return (features - target).square().sum() / (features.numel() * max(float(energy), _EPS))
+    return content_distance(features, target, features.numel(), energy)
+
+
+def content_distance(features: Tensor, target: Tensor, count: int, energy: float | Tensor) -> Tensor:
+    """The squared distance of ``features`` to ``target`` over ``count`` values (a tile's share when ``features``
+    is part of the map), in units of ``energy``: ``content_loss`` summed over a map's parts."""
+    # sum / count rather than mean(): autograd then returns the gradient in the features' memory layout
+    return (features - target).square().sum() / (count * max(float(energy), _EPS))
 
 
 def total_variation_loss(image: Tensor) -> Tensor:

@@ -1,6 +1,10 @@
-"""Sizes: the pyramid's levels, a style image's size at a level, a layer's feature map, the mirrored margin."""
+"""Sizes: the pyramid's levels, a style image's size at a level, a layer's feature map and receptive field, the
+mirrored margin. Layers are named as VGG's (``relu3_1``, ``pool2``); every network here is 3x3 convolutions and 2x2
+pools."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 BORDER_FRACTION = 1 / 64  # of a level's longest side: the mirrored margin it is optimised with (border_margin)
 
@@ -46,3 +50,24 @@ def border_margin(shape: tuple[int, int]) -> int:
 def with_margin(shape: tuple[int, int], margin: int) -> tuple[int, int]:
     """The canvas a level of ``shape`` is optimised on: the image with ``margin`` px on every side."""
     return shape[0] + 2 * margin, shape[1] + 2 * margin
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What position p of a layer is computed from: input pixels p * stride - before .. p * stride + after."""
+
+    stride: int
+    before: int
+    after: int
+
+
+def layer_reach(names: list[str], layer: str) -> Reach:
+    """The receptive field of ``layer`` in the network whose layers are ``names`` (3x3 convs, 2x2 pools)."""
+    before = after = 0
+    stride = 1
+    for name in names[: names.index(layer) + 1]:
+        if name.startswith("conv"):
+            before, after = before + stride, after + stride
+        elif name.startswith("pool"):
+            after, stride = after + stride, stride * 2
+    return Reach(stride, before, after)

@@ -5,7 +5,7 @@ scalar; the optimiser applies the weights a1, a2, a3.
 
 Normalisation. Every term is a relative error, so it does not change with the image size (the
 pyramid levels stay in balance) nor with the scale of the network's activations (Caffe-convention
-features are ~50x larger than torchvision ones); README "Loss normalisation" has the measurements.
+features are ~50x larger than torchvision ones); docs/method.md "Loss normalisation" has the measurements.
 - global: ||G - G_style||^2 / ||G_style||^2 per layer, averaged over the layers;
 - content: CONTENT_SCALE x the mean squared distance to the content features, in units of the style
   images' mean squared activation on the same layer (the unit the local term uses too);
@@ -16,14 +16,11 @@ features are ~50x larger than torchvision ones); README "Loss normalisation" has
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .matching import MATCHERS
-from .memory import trim_heaps
+from .matching import MATCHERS, Matcher
 from .precision import accumulation_dtype
 
 # Chosen with benchmarks/quality.py (docs/RESULTS.md): at a1 = 20, a2 = 1e-4, a3 = 20 the output moves about as
@@ -69,9 +66,9 @@ class GramLoss(nn.Module):
         """The per-position weights of ``window`` (the target mask squared, or None) and the whole map's scale."""
         mask = self.target_masks.get(layer)
         if mask is None:
-            return None, 1.0 / (shape[0] * shape[1])
+            return None, Fn.gram_scale(None, shape[0] * shape[1])
         square = mask.to(dtype).square()
-        return square[window][None, None], 1.0 / square.sum().clamp_min(1e-8)
+        return square[window][None, None], Fn.gram_scale(square, 0)
 
     def loss_of(self, grams: dict[str, Tensor]) -> Tensor:
         """The loss of the whole map's Gram matrices ``grams``: ``forward``'s value."""
@@ -94,8 +91,8 @@ class ContentLoss(nn.Module):
 
     def part(self, features: Tensor, window: tuple[slice, slice]) -> Tensor:
         """The loss's share from ``features``, the positions ``window`` of the map (tiling.py)."""
-        distance = (features - self.target[..., window[0], window[1]]).square().sum()
-        return CONTENT_SCALE * distance / (self.target.numel() * max(float(self.energy), 1e-8))
+        target = self.target[..., window[0], window[1]]
+        return CONTENT_SCALE * Fn.content_distance(features, target, self.target.numel(), self.energy)
 
 
 class PatchLoss(nn.Module):
@@ -144,10 +141,9 @@ class PatchLoss(nn.Module):
         self.total_weight = None if target_weights is None else float(target_weights.sum())
         self.indices: Tensor | None = None  # last match, for inspection
         self._targets: tuple[Tensor, Tensor, Tensor] | None = None
-        self._search = None
-        self._tiled: _PartialMatch | None = None
+        self._search: Matcher | None = None
 
-    def _searcher(self):
+    def searcher(self) -> Matcher:
         """The matcher for this style map, built at the first match and kept for the level."""
         if self._search is None:
             self._search = MATCHERS[self.matcher](self.style, self.patch_size, self.stride, self.style_eligible)
@@ -163,15 +159,12 @@ class PatchLoss(nn.Module):
         return torch.lerp(features.float(), guide.float(), self.guide_share)
 
     @torch.no_grad()
-    def match(self, features: dict[str, Tensor]) -> None:
+    def match(self, features: dict[str, Tensor]) -> bool:
+        """Search the nearest style patches of ``features``' map on this layer; returns whether the search was a full
+        one (it frees large blocks: the level loop has the C allocator give them back, ``allocator.trim_heaps``)."""
         current = features[self.layer].detach()
         # the fast search keeps the last match a candidate
-        self.indices = self._searcher()(self.query(current), self.indices)
-        if current.device.type == "cpu" and getattr(self._search, "last_full", False):
-            # A full search frees large blocks that glibc keeps in its heaps, and the allocations after it only
-            # fragmented them: an untiled 2048 px level in float32 peaked at 9-13 GB against an estimate of 6.8 GB,
-            # 6.9 GB with the heaps trimmed here (BENCHMARKS.md). A tiled level returns such blocks as it goes.
-            trim_heaps()
+        self.indices = self.searcher()(self.query(current), self.indices)
         self._targets = Fn.mrf_targets(
             self.style,
             self.indices,
@@ -181,60 +174,14 @@ class PatchLoss(nn.Module):
             self.target_weights,
             self.style_energy,
         )
+        return self.searcher().last_full
 
-    # The tiled evaluation (tiling.py): the matches of the whole map found tile by tile, the loss of a tile's
-    # positions from the matches of the patches covering them.
+    def set_matches(self, indices: Tensor) -> None:
+        """The matches of the whole map, found elsewhere (in parts, tile by tile: tiling.TiledMatch); the loss is then
+        evaluated in parts (``part``)."""
+        self.indices, self._targets = indices, None
 
-    @torch.no_grad()
-    def start_tiled_match(self, shape: tuple[int, int]) -> None:
-        """Begin a match of a map of ``shape`` in parts (``match_part``), ended by ``finish_tiled_match``."""
-        self._searcher()
-        rows, cols = Fn.patch_grid(*shape, self.patch_size, self.stride)
-        previous = self.indices if self.indices is not None and self.indices.numel() == rows * cols else None
-        full = getattr(self._search, "full_due", lambda previous: True)(previous)
-        search_pool = getattr(self._search, "pool", None)
-        pool = None if search_pool is None or full or previous is None else search_pool.view(rows, cols, -1)
-        new = torch.empty(rows, cols, dtype=torch.long, device=self.style.device)
-        self._tiled = _PartialMatch(None if previous is None else previous.view(rows, cols), new, pool, full, [])
-        self._targets = None
-
-    @torch.no_grad()
-    def match_part(self, features: Tensor, origin: tuple[int, int], owned: tuple[range, range]) -> None:
-        """Match the patches whose first position is in ``owned`` (rows, cols) from ``features``, a window of the
-        map whose first position is ``origin``, holding those patches and the ring of patches around them."""
-        previous, new, pool, full, pools = self._tiled
-        step, size = self.stride, self.patch_size
-        rows, cols = (
-            range(-(-r.start // step), min(n, -(-r.stop // step))) for r, n in zip(owned, new.shape, strict=True)
-        )
-        if not (len(rows) and len(cols)):
-            return
-        ring = 0 if full or previous is None else 1  # propagation looks at the neighbours' previous matches
-        r0, r1 = max(0, rows.start - ring), min(new.shape[0], rows.stop + ring)
-        c0, c1 = max(0, cols.start - ring), min(new.shape[1], cols.stop + ring)
-        y, x = r0 * step - origin[0], c0 * step - origin[1]
-        query = features[..., y : y + (r1 - r0 - 1) * step + size, x : x + (c1 - c0 - 1) * step + size]
-        query = self.query(query, (r0 * step, c0 * step))
-        before = None if previous is None else previous[r0:r1, c0:c1].reshape(-1)
-        if ring:
-            found = self._search.propagate(query, before, pool[r0:r1, c0:c1].reshape(before.shape[0], -1))
-        elif hasattr(self._search, "full_search"):  # the fast search: keep its candidates for the propagations
-            found = self._search.full_search(query, before)
-            pools.append((rows, cols, self._search.pool))
-        else:
-            found = self._search(query, before)
-        inner = found.view(r1 - r0, c1 - c0)[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
-        new[rows.start : rows.stop, cols.start : cols.stop] = inner
-
-    @torch.no_grad()
-    def finish_tiled_match(self) -> None:
-        previous, new, pool, full, pools = self._tiled
-        if pools:  # the fast search's candidates of this full search, for the propagations that follow
-            whole = new.new_empty(*new.shape, pools[0][2].shape[1])
-            for rows, cols, part in pools:
-                whole[rows.start : rows.stop, cols.start : cols.stop] = part.view(len(rows), len(cols), -1)
-            self._search.pool = whole.view(new.numel(), -1)
-        self.indices, self._tiled = new.view(-1), None
+    # The tiled evaluation (tiling.py): the loss of a tile's positions from the matches of the patches covering them.
 
     def part(self, features: Tensor, window: tuple[slice, slice], shape: tuple[int, int]) -> Tensor:
         """The loss's share from ``features``, the positions ``window`` (start and stop set) of a map of ``shape``:
@@ -277,17 +224,6 @@ class PatchLoss(nn.Module):
         patch_weight = coverage.sum() / self.patch_size**2  # sum of the per-patch weights
         normaliser = patch_weight.clamp_min(1e-8) * max(self.patch_energy, 1e-8)
         return LOCAL_SCALE * Fn.mrf_loss(features[self.layer], *self._targets) / normaliser
-
-
-class _PartialMatch(NamedTuple):
-    """A match made in parts (``PatchLoss.start_tiled_match``): the grids of the last and the new matches, the fast
-    search's candidates of its last full search, whether this one is a full search, and its parts' candidates."""
-
-    previous: Tensor | None
-    new: Tensor
-    pool: Tensor | None
-    full: bool
-    pools: list[tuple[range, range, Tensor]]
 
 
 def _covering(window: slice, size: int, stride: int, count: int) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 Score(i, j) = <q_i, s_j> / |s_j|: the cosine similarity up to the factor 1/|q_i|, which does not
 change the best j for a given i.
 
-A matcher is a class in ``MATCHERS``, built once per style map (pyramid level) as
+A matcher (the ``Matcher`` protocol) is a class in ``MATCHERS``, built once per style map (pyramid level) as
 ``cls(style, size, stride, style_eligible)`` and called as ``search(query, previous) -> indices``
 (N_query,) long, where ``previous`` is the last match for the same grid or None:
 
@@ -27,6 +27,8 @@ come from shapes, never from tensor values), so a GPU never waits for the host b
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +93,38 @@ def nearest_patches(
     return best_index
 
 
+class Matcher(Protocol):
+    """Something that finds the nearest style patches of a query map: a matcher of ``MATCHERS``, built once per style
+    map (pyramid level) as ``cls(style, size, stride, style_eligible)``.
+
+    ``search(query, previous)`` is the search to run between optimiser iterations: ``full_due(previous)`` says
+    whether it is a full one (and counts it), then ``full_search`` or ``propagate`` (a cheaper step from
+    ``previous``, the last matches of the same grid) runs; ``last_full`` says which the last call was. ``pool``
+    holds the candidates of the last full search that ``propagate`` re-ranks (None where there are none);
+    ``keep_candidates`` sets them when a full search was made in parts (tiling.TiledMatch)."""
+
+    last_full: bool
+    pool: Tensor | None
+
+    def __call__(self, query: Tensor, previous: Tensor | None = None) -> Tensor: ...
+
+    def full_due(self, previous: Tensor | None) -> bool: ...
+
+    def full_search(self, query: Tensor, previous: Tensor | None = None) -> Tensor: ...
+
+    def propagate(self, query: Tensor, previous: Tensor, pool: Tensor | None = None) -> Tensor: ...
+
+    def keep_candidates(self, pool: Tensor) -> None: ...
+
+
 class ExactSearch:
     """The "exact" matcher: ``nearest_patches`` over every eligible style patch at every call.
 
-    Holds nothing but its arguments: each call searches from scratch and ignores ``previous``."""
+    Holds nothing but its arguments: each call is a full search from scratch and ignores ``previous``; there are no
+    candidates to keep and no propagation."""
 
     last_full = True  # every call is a full search
+    pool = None
 
     def __init__(
         self,
@@ -113,9 +141,21 @@ class ExactSearch:
         self.style_eligible, self.max_scores = style_eligible, max_scores
 
     def __call__(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
+        return self.full_search(query, previous)
+
+    def full_due(self, previous: Tensor | None) -> bool:
+        return True
+
+    def full_search(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
         return nearest_patches(
             query, self.style, self.size, self.stride, style_eligible=self.style_eligible, max_scores=self.max_scores
         )
+
+    def propagate(self, query: Tensor, previous: Tensor, pool: Tensor | None = None) -> Tensor:
+        raise NotImplementedError("the exact search never propagates: full_due is always True")
+
+    def keep_candidates(self, pool: Tensor) -> None:
+        raise NotImplementedError("the exact search keeps no candidates")
 
 
 def _gather_patches(rows: Tensor, shape: tuple[int, int], index: Tensor, size: int, stride: int) -> Tensor:
@@ -278,6 +318,10 @@ class ProjectedSearch:
         # One re-ranking for all bands: its gather buffers are allocated once, not once per band.
         return self._best_of(query_rows, q_shape, candidates)
 
+    def keep_candidates(self, pool: Tensor) -> None:
+        """The candidates (N_query, candidates) of a full search made in parts, for the propagations that follow."""
+        self.pool = pool
+
     def _best_of(self, query_rows: Tensor, q_shape: tuple[int, int], candidates: Tensor) -> Tensor:
         """Of each row of ``candidates`` (n, k), one per query patch, the one with the best exact score; of equal
         scores the lowest style index, as the exact search does."""
@@ -408,6 +452,5 @@ def projected_nearest_patches(
     return search.full_search(query)
 
 
-# name (config.MATCHER_NAMES) -> matcher class: ``cls(style, size, stride, style_eligible)``, then
-# ``search(query, previous) -> indices``
-MATCHERS: dict[str, type] = {"exact": ExactSearch, "fast": ProjectedSearch}
+# name (config.MATCHER_NAMES) -> matcher class (a ``Matcher``)
+MATCHERS: dict[str, type[Matcher]] = {"exact": ExactSearch, "fast": ProjectedSearch}

@@ -10,26 +10,26 @@ measured in BENCHMARKS.md).
 
 The memory available is what the device could still give the run: on CUDA the free memory plus the blocks
 PyTorch's caching allocator holds but no tensor uses (after other ComfyUI work those can be gigabytes); on a CPU
-the system's available memory, read after the C allocator has given back what the process freed (``trim_heaps``).
+the system's available memory (read after the level loop had the C allocator give back what the process freed:
+``allocator.trim_heaps``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
-import sys
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import LocalStyle, Settings, StyleTerm
 from .errors import FusionError
-from .geometry import feature_shape, style_shape
+from .geometry import border_margin, feature_shape, level_shapes, style_shape, with_margin
 from .lean_backward import keeps_output
 from .matching import DEFAULT_MAX_SCORES
 from .precision import mixed_dtype
+from .tiles import TilePlan, tile_layers
 from .vgg import VGGFeatures
 
 _FLOAT = 4
@@ -85,6 +85,15 @@ def _layers(styles: Sequence[StyleTerm], settings: Settings) -> set[str]:
     return layers
 
 
+def _content_maps(vgg: VGGFeatures, shape: tuple[int, int], styles: Sequence[StyleTerm], settings: Settings) -> int:
+    """Elements of the content image's maps a level holds whole: the content term's target and the patch searches'
+    guides (``Settings.match_content``), one map per layer."""
+    layers = {settings.content_layer} if settings.content_weight > 0 else set()
+    if settings.match_content > 0:
+        layers |= {style.layer for style in styles if isinstance(style, LocalStyle) and style.weight > 0}
+    return _activation_elements(vgg, shape, layers)[2] if layers else 0
+
+
 def _vectors(settings: Settings, history: int) -> int:
     """Image-sized float32 vectors the optimiser holds, with the image and its gradient."""
     # L-BFGS: history pairs of (y, s), direction, previous gradient; plus image and gradient. Adam: 2 moments.
@@ -115,7 +124,8 @@ def estimate_bytes(
     )
     # Before that, each style image's pass in float32 (the two largest activations at once) and the layers cached
     # from it.
-    setting_up, targets = 0, returned // 2 * _FLOAT  # the content target and the patch loss's maps
+    # the content's maps and the patch losses' style maps
+    setting_up, targets = 0, max(returned // 2, _content_maps(vgg, shape, styles, settings)) * _FLOAT
     for style in {id(style.image): style for style in styles}.values():
         size = style_shape(tuple(style.image.shape[-2:]), shape, style.scale)
         _, _, style_returned, style_largest = _activation_elements(vgg, size, layers)
@@ -136,8 +146,6 @@ def tiled_bytes(
     ``split`` whole: the image-sized vectors, the targets kept whole (the content's map, each patch loss's style
     map, its search's projection and matches), and the larger of the largest tile's evaluation, as
     ``estimate_bytes`` counts a whole image's, and the deep layers' pass on the whole ``split`` map."""
-    from .tiling import TilePlan, tile_layers  # tiling builds on the losses; the estimate needs only its plan
-
     layers = _layers(styles, settings)
     half = mixed_dtype(vgg.device, settings.mixed_precision)
     pass_bytes = _FLOAT if half is None else torch.finfo(half).bits // 8
@@ -148,8 +156,7 @@ def tiled_bytes(
     head = set(extra)
     local_layers = {settings.content_layer} | {s.layer for s in styles if isinstance(s, LocalStyle)}
     pixels = 3 * shape[0] * shape[1]
-    content = _activation_elements(vgg, shape, {settings.content_layer})[2]
-    whole = _vectors(settings, history) * pixels * _FLOAT + content * _FLOAT
+    whole = (_vectors(settings, history) * pixels + _content_maps(vgg, shape, styles, settings)) * _FLOAT
     searches, setting_up = 0, 0
     for style in styles:
         size = style_shape(tuple(style.image.shape[-2:]), shape, style.scale)
@@ -243,7 +250,7 @@ def plan_level(
     in tiles of at most SPLIT_TILE px, else every layer runs in tiles, as large as fit; each choice must leave the
     L-BFGS history at least MIN_HISTORY (or ``settings.history_size`` if smaller). Only where none does, the
     history shrinks, down to 1, with the smallest tiles."""
-    available = available_bytes(vgg.device) if available is None else available
+    available = available_bytes(vgg.device, settings.max_memory) if available is None else available
     wanted = settings.history_size if settings.optimizer == "lbfgs" else 0
     budget = None if available is None else MARGIN * available
     splits = [*split_candidates(vgg, _layers(styles, settings)), None]
@@ -283,10 +290,35 @@ def plan_level(
     raise AssertionError  # _refuse raises
 
 
+def run_bytes(vgg: VGGFeatures, content_shape: tuple[int, int], styles: Sequence[StyleTerm], settings: Settings) -> int:
+    """The bytes a run on a content image of ``content_shape`` (height, width) needs on its device: the network's
+    weights and its largest level (the last, with its mirrored margin) as planned within ``settings.max_memory``
+    (whole without one). What a host that can free memory for a run (ComfyUI unloading other models) asks for."""
+    model = sum(t.numel() * t.element_size() for t in vgg.parameters())
+    shape = level_shapes(*content_shape, settings.size, settings.levels)[-1]
+    canvas = with_margin(shape, border_margin(shape))
+    budget = round(settings.max_memory * 2**30) if settings.max_memory > 0 else _UNBOUNDED
+    return model + plan_bytes(vgg, canvas, styles, settings, plan_level(vgg, canvas, styles, settings, budget))
+
+
+_UNBOUNDED = 2**62  # a budget no level exceeds: the plan as settings.tile alone asks
+
+
 MIN_TILE = 384  # the smallest automatic tile: smaller ones spend most of their time on the halo (tiling.py)
 
 
-def available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device, max_memory: float = 0.0) -> int | None:
+    """The memory a run on ``device`` may use now, or None where it cannot be told: what the device has free, and
+    with ``max_memory`` > 0 (GB, ``Settings.max_memory``) no more than that budget less what the process already
+    holds there (``held_bytes``)."""
+    free = _free_bytes(device)
+    if max_memory > 0:
+        budget = max(0, int(max_memory * 2**30) - held_bytes(device))
+        free = budget if free is None else min(free, budget)
+    return free
+
+
+def _free_bytes(device: torch.device) -> int | None:
     """Free memory on ``device``, or None where it cannot be told."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -298,7 +330,8 @@ def available_bytes(device: torch.device) -> int | None:
             return None
         return max(0, int(limit() - torch.mps.current_allocated_memory()))
     if device.type == "cpu":
-        trim_heaps()  # what the process has freed is the run's to use, but glibc keeps it until asked
+        # What the process has freed but glibc keeps in its heaps is the run's to use too, and not counted here: the
+        # level loop gives it back first (allocator.trim_heaps).
         try:
             with open("/proc/meminfo") as f:
                 for line in f:
@@ -309,74 +342,19 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
-RETURNED_BLOCK = 8 << 20  # blocks of this size and larger are mapped from the system in ``freed_memory_returned``
-_GLIBC_LARGEST_THRESHOLD = 32 << 20  # the largest value glibc's own adjustment gives the threshold (64-bit)
-
-
-def _glibc_function(name: str) -> Callable[..., int] | None:
-    """The function ``name`` of glibc, or None (another C library, another system)."""
-    if not sys.platform.startswith("linux"):
-        return None
+def held_bytes(device: torch.device) -> int:
+    """What the process holds on ``device`` now, which a memory budget must leave room for: on a CPU its resident
+    memory (torch itself, about half a gigabyte, the network, the images, and in a host program everything the host
+    holds); on a GPU the memory torch's tensors take there. 0 where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.current_allocated_memory())
     try:
-        libc = ctypes.CDLL(None)  # the C library this process already uses
-    except OSError:
-        return None
-    if not hasattr(libc, "gnu_get_libc_version"):
-        return None
-    return getattr(libc, name, None)
-
-
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None."""
-    return _glibc_function("mallopt")
-
-
-def trim_heaps() -> None:
-    """Gives the system the free memory in the C allocator's heaps (glibc's ``malloc_trim``; elsewhere nothing).
-
-    glibc keeps what a process frees inside its heaps (images decoded and resized, an earlier level's blocks)
-    and returns it only from a heap's top: the system counts it as the process's, not as available, and a plan
-    made then would be needlessly small."""
-    malloc_trim = _glibc_function("malloc_trim")
-    if malloc_trim is not None:
-        malloc_trim(0)
-
-
-@contextlib.contextmanager
-def freed_memory_returned(device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """A region where the process's C allocator gives the blocks of RETURNED_BLOCK and more back to the system as
-    soon as they are freed (on a CPU under Linux with glibc; elsewhere nothing changes).
-
-    A tiled level on a CPU allocates and frees activations and gradients of many sizes, tile after tile and
-    pass after pass. glibc serves blocks below a threshold that it raises up to 32 MB from its heaps, and keeps
-    what is freed there for reuse: even with crops that repeat their sizes (tiling.TilePlan), a backward pass
-    frees and allocates in an order that leaves holes, the process's resident memory grows beyond the tensors
-    alive at any moment, and the memory plan, which counts tensors, is exceeded (figures in BENCHMARKS.md).
-    Mapping those blocks from the system costs their page faults again at each allocation, which a tiled
-    level's large blocks pay anyway. The setting is the process's: on leaving, the threshold is set to the
-    largest value glibc's own adjustment gives it."""
-    mallopt = _mallopt() if enabled and device.type == "cpu" else None
-    if mallopt is None:
-        yield
-        return
-    mallopt(_M_MMAP_THRESHOLD, RETURNED_BLOCK)
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, _GLIBC_LARGEST_THRESHOLD)
-
-
-def check_memory(
-    vgg: VGGFeatures,
-    shape: tuple[int, int],
-    styles: Sequence[StyleTerm],
-    settings: Settings,
-    available: int | None = None,
-) -> LevelPlan:
-    """The plan for a canvas of ``shape`` (``plan_level``); a FusionError with the estimate and a size that would fit
-    where not even tiles of the smallest size would."""
-    return plan_level(vgg, shape, styles, settings, available)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _refuse(
@@ -392,8 +370,16 @@ def _refuse(
     advice = f"use a smaller size (about {fits} px would fit)"
     if settings.optimizer == "lbfgs":
         advice += " or optimizer 'adam'"
+    if settings.max_memory > 0:
+        advice += f" or a larger max_memory (now {settings.max_memory:g} GB)"
+        where = (
+            f"max_memory {settings.max_memory:g} GB leaves {available / 2**30:.2f} GiB beside what the process holds "
+            f"on {vgg.device} ({held_bytes(vgg.device) / 2**30:.2f} GiB) and what the device has free"
+        )
+    else:
+        where = f"only {available / 2**30:.2f} GiB is free on {vgg.device}"
     raise FusionError(
         f"size: an output of {shape[1]}x{shape[0]} px needs about {needed / 2**30:.2f} GiB even in tiles of {tile} px, "
-        f"but only {available / 2**30:.2f} GiB is free on {vgg.device}, and plans keep {1 - MARGIN:.0%} of it spare "
-        f"({MARGIN * available / 2**30:.2f} GiB usable); {advice}"
+        f"but {where}, and plans keep {1 - MARGIN:.0%} of it spare ({MARGIN * available / 2**30:.2f} GiB usable); "
+        f"{advice}"
     )

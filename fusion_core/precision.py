@@ -108,20 +108,27 @@ def full_float32(convolutions: bool) -> Iterator[None]:
     (mixed precision off, or a device without it) asks for them: in TF32 that path would be no more precise
     than the 16-bit one. With mixed precision on, the network runs in float16 and the float32 convolutions
     left (the fast search's projection, the patch norms) work on float16 activations, so TF32 loses nothing
-    there and is left to the host. The switches are global: set on entering, restored on leaving; they concern
-    CUDA only."""
-    if not _cuda_present():
+    there and is left to the host. The switches are global: set on entering the outermost region and set back to
+    what they were on leaving it (a region inside another that asks for no more, as a run's criterion inside
+    ``stylize``'s, changes nothing); they concern CUDA only."""
+    if not _cuda_present() or (_held and (_held[-1] or not convolutions)):
         yield
         return
     switches = _tf32_switches()[: 2 if convolutions else 1]
     saved = [getattr(owner, name) for owner, name, _ in switches]
+    _held.append(convolutions)
     try:
         for owner, name, value in switches:
             setattr(owner, name, value)
         yield
     finally:
+        _held.pop()
         for (owner, name, _), value in zip(switches, saved, strict=True):
             setattr(owner, name, value)
+
+
+# The regions entered (full_float32): the switches are set once, by the outermost region, and set back when it ends.
+_held: list[bool] = []
 
 
 def accumulation_dtype(device: torch.device) -> torch.dtype:

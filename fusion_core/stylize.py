@@ -7,24 +7,29 @@ and hands the result, enlarged, to the next. Progress and cancellation go throug
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from .allocator import trim_heaps
+from .choices import blend_shares, missing_layers
 from .colour import grey, luminance_only, match_histogram, recolour, recombine_chroma, rgb_to_yiq
 from .config import GlobalStyle, LocalStyle, Progress, Settings, StyleTerm
-from .criterion import Criterion, build_criterion, styles_at_level
+from .criterion import Criterion
 from .errors import Cancelled, FusionError
 from .geometry import border_margin, feature_shape, level_shapes, style_shape, with_margin
 from .images import check_image, check_mask, mirror_pad, resize, resize_mask
 from .lbfgs import LBFGS
-from .memory import check_memory, freed_memory_returned, plan_level
+from .memory import LevelPlan, plan_level
 from .precision import full_float32, mixed_dtype
+from .targets import build_criterion, styles_at_level
 from .tiling import TiledCriterion
-from .vgg import VGGFeatures
+from .vgg import VGGFeatures, loss_layers
 
 # Called before each level is optimised with (0-based level, its criterion, the canvas it starts from).
 LevelHook = Callable[[int, Criterion, Tensor], None]
@@ -39,23 +44,27 @@ def stylize(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_level: LevelHook | None = None,
+    tiled_level: Callable[[torch.device], AbstractContextManager] | None = None,
 ) -> Tensor:
     """Stylise ``content`` (1, 3, H, W, RGB 0..1) with the given style terms; returns the image in 0..1.
 
     Runs on ``vgg``'s device. ``on_progress`` receives a ``Progress`` after every iteration;
     ``should_stop`` is called before every iteration and, when it returns True, ``Cancelled`` is raised;
-    ``on_level`` (for measurements) sees each level's criterion and starting canvas.
-    Works inside ``torch.inference_mode()`` / ``no_grad`` (it re-enables autograd for itself).
+    ``on_level`` (for measurements) sees each level's criterion and starting canvas; ``tiled_level(device)``, a
+    context, is entered around each level evaluated in tiles (a program that owns its process passes
+    ``allocator.freed_memory_returned``, which changes a process-wide allocator setting: none by default).
+    Works inside ``torch.inference_mode()`` / ``no_grad`` (it re-enables autograd for itself). Leaves the process
+    as it found it: the TF32 switches it sets on CUDA are set back (precision.full_float32).
     """
     settings = settings or Settings()
     # what stays float32 is computed in float32 on CUDA too, whatever the host set (precision.py)
     float32_path = mixed_dtype(vgg.device, settings.mixed_precision) is None
     with torch.inference_mode(False), torch.enable_grad(), full_float32(float32_path):
-        _make_autograd_ready(vgg)
+        vgg.make_autograd_ready()
         content, styles = _checked_inputs(vgg, content, styles, settings)
         shapes = level_shapes(content.shape[-2], content.shape[-1], settings.size, settings.levels)
         _check_sizes(styles, settings, shapes)
-        check_memory(vgg, with_margin(shapes[-1], border_margin(shapes[-1])), styles, settings)  # before any work
+        _plan(vgg, with_margin(shapes[-1], border_margin(shapes[-1])), styles, settings)  # refused before any work
         content = content.to(vgg.device)
         target, styles = _apply_colour_mode(content, styles, settings.color)
         start = starting_image(target, styles, settings.init)
@@ -63,8 +72,9 @@ def stylize(
         for level, shape in enumerate(shapes):
             margin = border_margin(shape)
             level_styles = styles_at_level(styles, settings, shape, last=level == len(shapes) - 1)
-            plan = plan_level(vgg, with_margin(shape, margin), level_styles, settings)
-            with freed_memory_returned(vgg.device, plan.tile > 0):  # a level in tiles is short of memory
+            plan = _plan(vgg, with_margin(shape, margin), level_styles, settings)
+            region = tiled_level if plan.tile > 0 and tiled_level is not None else None
+            with contextlib.nullcontext() if region is None else region(vgg.device):
                 criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin, tile=plan.tile)
                 evaluator: Criterion | TiledCriterion = criterion
                 if plan.tile:
@@ -92,6 +102,14 @@ def stylize(
         if settings.color == "luminance":
             image = recombine_chroma(image, resize(content, tuple(image.shape[-2:])))
         return image
+
+
+def _plan(vgg: VGGFeatures, shape: tuple[int, int], styles: Sequence[StyleTerm], settings: Settings) -> LevelPlan:
+    """``memory.plan_level`` for a canvas of ``shape``, after the C allocator has given the system what the process
+    freed (on a CPU that memory is the run's to use, but the system counts it as the process's until then)."""
+    if vgg.device.type == "cpu":
+        trim_heaps()
+    return plan_level(vgg, shape, styles, settings)
 
 
 def starting_image(content: Tensor, styles: Sequence[StyleTerm], init: str) -> Tensor | None:
@@ -186,11 +204,17 @@ def _optimise(
         optimizer: LBFGS | _Adam = _Adam(image, settings.learning_rate or 0.02)
     else:
         optimizer = LBFGS(image, lr=settings.learning_rate or 1, history_size=history)
+    trim = image.device.type == "cpu"
     for iteration in range(1, iterations + 1):
         if should_stop is not None and should_stop():
             raise Cancelled("stopped by the caller")
         rematch = (iteration - 1) % settings.rematch_every == 0
         losses, numbers = _evaluate(criterion, image, optimizer, rematch)
+        if trim and criterion.full_search:
+            # A full search frees large blocks that glibc keeps in its heaps, and the allocations after it only
+            # fragmented them: an untiled 2048 px level in float32 peaked at 9-13 GB against an estimate of 6.8 GB,
+            # 6.9 GB with the heaps trimmed after each full search (BENCHMARKS.md).
+            trim_heaps()
         optimizer.step(numbers)
         report(iteration, losses, image)
     return image.detach()
@@ -277,19 +301,6 @@ def _apply_colour_mode(content: Tensor, styles: list[StyleTerm], mode: str) -> t
     return (grey(rgb_to_yiq(content)[:, :1]) if mode == "luminance" else content), styles
 
 
-def _make_autograd_ready(vgg: VGGFeatures) -> None:
-    # A model built under torch.inference_mode() (as ComfyUI runs its loader nodes) holds inference
-    # tensors, which autograd refuses to save for backward; replace them by ordinary copies.
-    for module in vgg.modules():
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if tensor.is_inference():
-                copy = tensor.clone()
-                if isinstance(tensor, torch.nn.Parameter):
-                    module._parameters[name] = torch.nn.Parameter(copy, requires_grad=False)
-                else:
-                    module._buffers[name] = copy
-
-
 def _checked_inputs(
     vgg: VGGFeatures, content: Tensor, styles: Sequence[StyleTerm], settings: Settings
 ) -> tuple[Tensor, list[StyleTerm]]:
@@ -314,11 +325,15 @@ def _checked_inputs(
         if isinstance(style, GlobalStyle) and settings.global_layers is not None:
             changes["layers"] = tuple(settings.global_layers)
         checked.append(replace(style, **changes))
-    vgg.check_layers([settings.content_layer])
-    if settings.global_layers is not None:
-        vgg.check_layers(settings.global_layers)
-    for style in checked:
-        vgg.check_layers(style.feature_layers())
+    missing = missing_layers(vgg, checked, settings)
+    if missing:
+        asked = "; ".join(f"{where} asks for {', '.join(map(repr, layers))}" for where, layers in missing)
+        raise FusionError(
+            f"layers: unknown layer(s) for {vgg.arch}: {asked}; valid: {', '.join(loss_layers(vgg.arch))}"
+        )
+    # each term's weight times its share among the blended terms of its kind (choices.blend_shares); 1 for a lone one
+    shares = blend_shares(checked)
+    checked = [replace(style, weight=style.weight * share) for style, share in zip(checked, shares, strict=True)]
     if settings.content_weight == 0 and settings.tv_weight == 0 and all(style.weight == 0 for style in checked):
         raise FusionError("weights: all loss weights are zero; give the content or a style term a weight > 0")
     return content, checked

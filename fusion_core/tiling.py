@@ -34,147 +34,18 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from .criterion import Criterion
 from .errors import FusionError
-from .functional import gram_part, memory_format_of
+from .functional import gram_part, gram_scale, memory_format_of, patch_grid
 from .geometry import feature_shape
 from .losses import ContentLoss, GramLoss, PatchLoss
 from .precision import GradientScale, autocast, float32_region, full_float32, memory_format
+from .tiles import Tile, TilePlan, tile_layers
 from .vgg import VGGFeatures
-
-if TYPE_CHECKING:
-    from .criterion import Criterion
-
-
-@dataclass(frozen=True)
-class Reach:
-    """What position p of a layer is computed from: input pixels p * stride - before .. p * stride + after."""
-
-    stride: int
-    before: int
-    after: int
-
-
-def layer_reach(names: list[str], layer: str) -> Reach:
-    """The receptive field of ``layer`` in the network whose layers are ``names`` (3x3 convs, 2x2 pools)."""
-    before = after = 0
-    stride = 1
-    for name in names[: names.index(layer) + 1]:
-        if name.startswith("conv"):
-            before, after = before + stride, after + stride
-        elif name.startswith("pool"):
-            after, stride = after + stride, stride * 2
-    return Reach(stride, before, after)
-
-
-def patch_reach(size: int, stride: int) -> tuple[int, int]:
-    """The positions (before, after) around a tile's own that its patches need: those starting at its positions
-    reach ``size - 1`` further, and the fast search's propagation looks at the ring of patches around them."""
-    return stride, stride + size - 1
-
-
-def tile_layers(
-    names: list[str], layers: Iterable[str], patches: Iterable[tuple[str, int, int]], split: str | None = None
-) -> dict[str, tuple[int, int]]:
-    """The layers a tile's crop must give exactly, each with the positions around the owned ones that must be
-    exact too (``TilePlan``'s ``extra``): the layers in use up to ``split`` (all without one) and ``split`` itself;
-    for each patch term (layer, patch size, stride) in them, its patches' reach."""
-    depth = len(names) if split is None else names.index(split)
-    extra = {layer: (0, 0) for layer in layers if names.index(layer) <= depth}
-    if split is not None:
-        extra[split] = (0, 0)
-    for layer, size, stride in patches:
-        if layer in extra:
-            extra[layer] = patch_reach(size, stride)
-    return extra
-
-
-@dataclass(frozen=True)
-class Tile:
-    """A block of the canvas (``block``: rows, cols in px) and the crop the network sees for it."""
-
-    block: tuple[range, range]
-    crop: tuple[slice, slice]
-
-
-class TilePlan:
-    """The tiles of a canvas of ``shape`` whose crops are at most ``tile`` px on a side.
-
-    ``extra`` gives, per layer in use, the positions (before, after) around the owned ones that must be exact too
-    (a patch starting at an owned position reaches ``patch_size - 1`` further; the fast search's propagation
-    looks one patch around). Block edges are multiples of the deepest layer's stride, so every layer's positions
-    split between the tiles without overlap. Along each axis every crop but the last has the first's size and the
-    last is no larger (``_split``)."""
-
-    def __init__(self, names: list[str], shape: tuple[int, int], extra: dict[str, tuple[int, int]], tile: int) -> None:
-        reaches = {layer: layer_reach(names, layer) for layer in extra}
-        self.shape, self.names = shape, names
-        self.align = max(reach.stride for reach in reaches.values())
-        before = max(r.before + extra[layer][0] * r.stride for layer, r in reaches.items())
-        self.before = -(-before // self.align) * self.align  # crops start on a multiple of the stride
-        self.after = max(r.after + (extra[layer][1] - 1) * r.stride + 1 for layer, r in reaches.items())
-        self.strides = {layer: reach.stride for layer, reach in reaches.items()}
-        axes = [self._split(length, tile) for length in shape]
-        self.tiles = [
-            Tile((rows, cols), (row_crop, col_crop)) for rows, row_crop in axes[0] for cols, col_crop in axes[1]
-        ]
-
-    def _split(self, length: int, tile: int) -> list[tuple[range, slice]]:
-        """The fewest blocks of ``length`` px, with their crops, whose crops are at most ``tile`` px. Every crop
-        but the last has the first's width and the last is no wider, so the blocks one tile's passes free hold
-        the next tile's activations and gradients: crops of varying sizes (blocks cut evenly, each with its own
-        halo) left the C allocator's heap with holes too small for the next tile (BENCHMARKS.md). The
-        edge blocks are the wider by the halo they lack on one side; the positions computed are those of blocks
-        plus halos, give or take the stride per crop."""
-        for count in range(1, length // self.align + 2):
-            width = min(length, -(-(length + (count - 1) * (self.before + self.after)) // count))  # the narrowest
-            while width <= min(tile, length):
-                split = self._crops(length, width)
-                if split is not None and len(split) <= count:
-                    return split
-                width += 1
-        smallest = self.align + self.before + self.after
-        raise FusionError(
-            f"tile: {tile} px is too small for the layers in use; give at least {smallest} px (their receptive "
-            "field around one block), or 0 for automatic"
-        )
-
-    def _crops(self, length: int, width: int) -> list[tuple[range, slice]] | None:
-        """Blocks of ``length`` px, each with its crop, from the start on: each crop ``width`` px (the last up to
-        the end), each block as long as its crop covers it with its halo; None where ``width`` is too small to
-        make progress."""
-        split, edge, start = [], 0, 0
-        while start + width < length:
-            stop = (start + width - self.after) // self.align * self.align  # a multiple of the stride
-            if stop <= edge or stop < self.before:
-                return None
-            split.append((range(edge, stop), slice(start, start + width)))
-            edge, start = stop, stop - self.before
-        split.append((range(edge, length), slice(start, length)))
-        return split
-
-    def owned(self, tile: Tile, layer: str) -> tuple[range, range]:
-        """The positions of ``layer`` (rows, cols, whole-map coordinates) that ``tile`` owns."""
-        stride, sizes = self.strides[layer], feature_shape(self.shape, layer)
-        return tuple(
-            range(block.start // stride, size if block.stop == length else block.stop // stride)
-            for block, size, length in zip(tile.block, sizes, self.shape, strict=True)
-        )
-
-    def origin(self, tile: Tile, layer: str) -> tuple[int, int]:
-        """The whole-map position of the first position of ``layer`` in ``tile``'s crop."""
-        stride = self.strides[layer]
-        return tile.crop[0].start // stride, tile.crop[1].start // stride
-
-    def local(self, tile: Tile, layer: str) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-        """(the owned positions of ``layer`` in the crop's activation, the same in whole-map coordinates)."""
-        owned, origin = self.owned(tile, layer), self.origin(tile, layer)
-        local = tuple(slice(r.start - o, r.stop - o) for r, o in zip(owned, origin, strict=True))
-        return local, tuple(slice(r.start, r.stop) for r in owned)
 
 
 def tiled_maps(
@@ -193,9 +64,7 @@ def tiled_maps(
     maps: dict[str, Tensor] = {}
     sums: dict[str, Tensor] = {}
     scales = {
-        layer: 1.0 / math.prod(feature_shape(shape, layer))
-        if mask is None
-        else 1.0 / mask.square().sum().clamp_min(1e-8)
+        layer: gram_scale(None if mask is None else mask.square(), math.prod(feature_shape(shape, layer)))
         for layer, mask in grams.items()
     }
     with torch.no_grad():
@@ -364,6 +233,9 @@ class TiledCriterion:
 
     def __init__(self, criterion: Criterion, canvas: tuple[int, int], tile: int, split: str | None = None) -> None:
         self.criterion, self.canvas, self.split = criterion, canvas, split
+        # never a reason to trim the heaps between evaluations: a tiled level's caller may return freed blocks as they
+        # are freed (stylize's ``tiled_level``)
+        self.full_search = False
         self.vgg, self.gradient_scale = criterion.vgg, criterion.gradient_scale
         names = self.vgg.names
         depth = len(names) if split is None else names.index(split)
@@ -398,12 +270,12 @@ class TiledCriterion:
         deep_values, largest = {}, None
         if deep is not None:  # the layers after the split, whole, as the untiled criterion evaluates them
             deep.requires_grad_(True)
-            deep_values = criterion(deep, rematch=rematch, after=self.split)
+            deep_values = criterion.evaluate_after(deep, self.split, rematch=rematch)
             deep_values.pop("total").backward()
             largest = self.gradient_scale.largest
         values: dict[str, Tensor] = {}
         for name in self.vgg.names:  # the untiled criterion's order of terms
-            for kind, weight, module in criterion.due.get(name, ()):
+            for kind, weight, module in criterion.terms_at(name):
                 value = weight * known[id(module)] if id(module) in known else image.new_zeros(())
                 values[kind] = values.get(kind, 0.0) + value
         for kind, value in deep_values.items():
@@ -473,7 +345,7 @@ class TiledCriterion:
         """The content and patch terms due at layer ``name`` restricted to ``tile``'s positions: their shares
         added to ``values``, their gradients (differentiated at once, on the owned positions alone) to what the
         tile's backward pass adds there."""
-        terms = [term for term in self.criterion.due.get(name, ()) if not isinstance(term[2], GramLoss)]  # _seed
+        terms = [term for term in self.criterion.terms_at(name) if not isinstance(term.module, GramLoss)]  # _seed
         if not terms:
             return
         local, window = self.plan.local(tile, name)
@@ -498,12 +370,12 @@ class TiledCriterion:
         name: str,
         activation: Tensor,
         layers: set[str],
-        rematch: bool,
+        matches: list[TiledMatch],
         sums: dict[tuple[int, str], Tensor],
         deep: list[Tensor],
     ) -> None:
         """The first pass's work at layer ``name`` of ``tile``'s crop: its part of the Gram matrices (into
-        ``sums``), (``rematch``) its patches' matches and, at the split layer, its part of that map (``deep``)."""
+        ``sums``), its part of the ``matches`` being made and, at the split layer, its part of that map (``deep``)."""
         plan, device = self.plan, self.vgg.device
         if name not in layers:
             return
@@ -521,10 +393,9 @@ class TiledCriterion:
                     part = self._gram_part(module, name, owned, tile)
                     key = (id(module), name)
                     sums[key] = part if key not in sums else sums[key] + part
-        if rematch:
-            for module in self.patches:
-                if module.layer == name:
-                    module.match_part(activation.detach(), plan.origin(tile, name), plan.owned(tile, name))
+        for match in matches:
+            if match.loss.layer == name:
+                match.part(activation.detach(), plan.origin(tile, name), plan.owned(tile, name))
 
     def _first_pass(
         self, image: Tensor, rematch: bool
@@ -535,10 +406,10 @@ class TiledCriterion:
         criterion, plan, scale, split = self.criterion, self.plan, self.gradient_scale, self.split
         device = self.vgg.device
         layers = {layer for module in self.grams for layer in module.layers}
-        if rematch:
-            layers |= {module.layer for module in self.patches}
-            for module in self.patches:
-                module.start_tiled_match(feature_shape(self.canvas, module.layer))
+        matches = (
+            [TiledMatch(module, feature_shape(self.canvas, module.layer)) for module in self.patches] if rematch else []
+        )
+        layers |= {match.loss.layer for match in matches}
         if split is not None:
             layers.add(split)
         sums: dict[tuple[int, str], Tensor] = {}
@@ -560,7 +431,7 @@ class TiledCriterion:
                         passed = self._seed(tile, name, activation, slopes, deep, seeds)
                         if name in self.head:
                             activations[name] = activation.detach()
-                    self._collect(tile, name, activation, layers, rematch, sums, deep)
+                    self._collect(tile, name, activation, layers, matches, sums, deep)
                     return passed
 
                 with torch.set_grad_enabled(record), autocast(device, criterion.half_dtype):
@@ -570,9 +441,8 @@ class TiledCriterion:
                         recorded = _Recorded(tile, crop, activations, seeds)
                     else:
                         self.vgg(crop, sorted(layers), on_layer=collect)
-        if rematch:
-            for module in self.patches:
-                module.finish_tiled_match()
+        for match in matches:
+            match.finish()
         values = {}
         with torch.enable_grad(), float32_region(device):
             for module in self.grams:
@@ -582,6 +452,61 @@ class TiledCriterion:
                 values[id(module)] = value.detach()
                 slopes[id(module)] = dict(zip(grams, found, strict=True))
         return values, slopes, recorded, deep[0] if deep else None
+
+
+class TiledMatch:
+    """A patch loss's matches of the whole map, found in parts, tile by tile, in the first pass: ``part`` for each
+    tile's window, then ``finish`` gives them to the loss (``PatchLoss.set_matches``). A full search or a propagation,
+    as the loss's matcher decides for the whole map at the start (``Matcher.full_due``): a propagation looks at the
+    ring of patches around a part (their previous matches) and re-ranks the candidates the last full search kept."""
+
+    def __init__(self, loss: PatchLoss, shape: tuple[int, int]) -> None:
+        self.loss, self.search = loss, loss.searcher()
+        rows, cols = patch_grid(*shape, loss.patch_size, loss.stride)
+        previous = loss.indices if loss.indices is not None and loss.indices.numel() == rows * cols else None
+        self.full = self.search.full_due(previous)
+        kept = self.search.pool
+        self.pool = None if kept is None or self.full or previous is None else kept.view(rows, cols, -1)
+        self.previous = None if previous is None else previous.view(rows, cols)
+        self.new = torch.empty(rows, cols, dtype=torch.long, device=loss.style.device)
+        self.pools: list[tuple[range, range, Tensor]] = []  # this full search's candidates, part by part
+
+    @torch.no_grad()
+    def part(self, features: Tensor, origin: tuple[int, int], owned: tuple[range, range]) -> None:
+        """Match the patches whose first position is in ``owned`` (rows, cols) from ``features``, a window of the
+        map whose first position is ``origin``, holding those patches and the ring of patches around them."""
+        loss, search, new, previous = self.loss, self.search, self.new, self.previous
+        step, size = loss.stride, loss.patch_size
+        rows, cols = (
+            range(-(-r.start // step), min(n, -(-r.stop // step))) for r, n in zip(owned, new.shape, strict=True)
+        )
+        if not (len(rows) and len(cols)):
+            return
+        ring = 0 if self.full or previous is None else 1  # propagation looks at the neighbours' previous matches
+        r0, r1 = max(0, rows.start - ring), min(new.shape[0], rows.stop + ring)
+        c0, c1 = max(0, cols.start - ring), min(new.shape[1], cols.stop + ring)
+        y, x = r0 * step - origin[0], c0 * step - origin[1]
+        query = features[..., y : y + (r1 - r0 - 1) * step + size, x : x + (c1 - c0 - 1) * step + size]
+        query = loss.query(query, (r0 * step, c0 * step))
+        before = None if previous is None else previous[r0:r1, c0:c1].reshape(-1)
+        if ring:
+            found = search.propagate(query, before, self.pool[r0:r1, c0:c1].reshape(before.shape[0], -1))
+        else:
+            found = search.full_search(query, before)
+            if search.pool is not None:  # candidates to keep for the propagations that follow
+                self.pools.append((rows, cols, search.pool))
+        inner = found.view(r1 - r0, c1 - c0)[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
+        new[rows.start : rows.stop, cols.start : cols.stop] = inner
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        new = self.new
+        if self.pools:  # the candidates of this full search, for the propagations that follow
+            whole = new.new_empty(*new.shape, self.pools[0][2].shape[1])
+            for rows, cols, part in self.pools:
+                whole[rows.start : rows.stop, cols.start : cols.stop] = part.view(len(rows), len(cols), -1)
+            self.search.keep_candidates(whole.view(new.numel(), -1))
+        self.loss.set_matches(new.view(-1))
 
 
 TV_BAND = 256  # rows of the image per band of the total-variation term

@@ -93,6 +93,18 @@ class VGGFeatures(nn.Module):
         """How many conv layers come before the layer at index ``layer`` of ``names``."""
         return sum(1 for name in self.names[:layer] if name.startswith("conv"))
 
+    def make_autograd_ready(self) -> None:
+        """Replace inference tensors among the weights (a model built under ``torch.inference_mode()``, as ComfyUI
+        runs its loader nodes) by ordinary copies, which autograd can save for a backward pass; other weights are
+        left as they are. Idempotent."""
+        for module in self.modules():
+            for name, tensor in list(module.named_parameters(recurse=False)):
+                if tensor.is_inference():
+                    module.register_parameter(name, nn.Parameter(tensor.clone(), requires_grad=False))
+            for name, tensor in list(module.named_buffers(recurse=False)):
+                if tensor.is_inference():
+                    module.register_buffer(name, tensor.clone())
+
     def check_layers(self, layers: Iterable[str]) -> None:
         unknown = [name for name in layers if name not in self.names]
         if unknown:

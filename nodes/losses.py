@@ -55,12 +55,14 @@ class _StyleLoss:
 
     @staticmethod
     def chained(make_term, style_image, weight, mask, style_mask, style_losses, blend) -> tuple[list]:
-        """One term per image of the style batch, each with an equal share of ``weight * blend``, after the
-        chained-in ones."""
+        """One term per image of the style batch, each with an equal part of ``blend``, after the chained-in ones;
+        the run shares each kind's weight out by the blends (fusion_core.choices.blend_shares)."""
         images = split_images("style_image", style_image)
         mask, style_mask = single_mask("mask", mask), single_mask("style_mask", style_mask)
-        share = weight * (1.0 if blend is None else blend) / len(images)
-        terms = [make_term(image, weight=share, target_mask=mask, style_mask=style_mask) for image in images]
+        part = (1.0 if blend is None else blend) / len(images)
+        terms = [
+            make_term(image, weight=weight, target_mask=mask, style_mask=style_mask, blend=part) for image in images
+        ]
         return (chain(style_losses, terms),)
 
 
@@ -127,8 +129,8 @@ class FusionStyleLocalPatchLoss(_StyleLoss):
                         # A small step, so the widget keeps values like 0.0001 (it rounds to the step's decimals).
                         "step": 0.00001,
                         "round": False,
-                        "tooltip": "a2, the weight of the patch loss (the paper's 1e-4). Higher: more of the "
-                        "style's local structure; 0 switches it off.",
+                        "tooltip": "a2, the weight of the patch loss (the paper's 1e-4, which Fused Style Optimize's "
+                        "preset 'paper' sets). Higher: more of the style's local structure; 0 switches it off.",
                     },
                 ),
                 "layer": (

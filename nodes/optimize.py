@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from ..fusion_core.choices import chosen_fields, missing_layers, preset_terms, settings_for
 from ..fusion_core.config import (
     COLOR_MODES,
     INITS,
     MATCHER_NAMES,
     OPTIMIZERS,
     PRESETS,
-    GlobalStyle,
-    LocalStyle,
     Settings,
     defaults,
-    preset_fields,
 )
 from ..fusion_core.errors import Cancelled, FusionError
-from ..fusion_core.geometry import fit_longest
 from ..fusion_core.images import to_pil
-from ..fusion_core.memory import estimate_bytes
+from ..fusion_core.memory import run_bytes
 from ..fusion_core.stylize import stylize
 from ..fusion_core.vgg import loss_layers
 from . import comfy
@@ -66,7 +63,8 @@ class FusionStyleFusedOptimize:
                         "min": 0.0,
                         "max": 10000.0,
                         "step": 0.1,
-                        "tooltip": "a3, the weight of the content loss. Higher: closer to the content image.",
+                        "tooltip": "a3, the weight of the content loss (the paper's 20). Higher: closer to the content "
+                        "image.",
                     },
                 ),
                 "content_layer": (
@@ -99,7 +97,8 @@ class FusionStyleFusedOptimize:
                         "default": _DEFAULTS.iterations,
                         "min": 1,
                         "max": 5000,
-                        "tooltip": "Optimiser iterations per level (Adam needs more than L-BFGS).",
+                        "tooltip": "Optimiser iterations per level before the last, which has final_iterations (Adam "
+                        "needs more than L-BFGS).",
                     },
                 ),
                 "init": (
@@ -203,9 +202,11 @@ class FusionStyleFusedOptimize:
                     list(PRESETS),
                     {
                         "default": "default",
-                        "tooltip": "'paper': the paper's own set-up, overriding init (random), tv_weight (0) and "
-                        "match_content (0) and using the local loss on every pyramid level; 'default' uses the inputs "
-                        "as they are, with the local loss only on levels where the style image is at least 256 px.",
+                        "tooltip": "'paper': the paper's own set-up: init random, tv_weight 0, match_content 0, "
+                        "content_weight 20, the local loss's weight 1e-4, 100 iterations on every level, its Gram "
+                        "layers and the local loss on every pyramid level, for the inputs left at their defaults. "
+                        "'default' uses the inputs as they are, with the local loss only on levels where the style "
+                        "image is at least 256 px.",
                     },
                 ),
                 "tile": (
@@ -231,6 +232,19 @@ class FusionStyleFusedOptimize:
                         "max": 10000,
                         "tooltip": "Iterations at the last, largest level; 0: the same as iterations. The last level "
                         "costs 4x the one before it, so fewer here saves most of a large print's time.",
+                    },
+                ),
+                "max_memory_gb": (
+                    "FLOAT",
+                    {
+                        "default": _DEFAULTS.max_memory,
+                        "min": 0.0,
+                        "max": 1024.0,
+                        "step": 0.5,
+                        "tooltip": "The most memory this run may leave the process holding on its device, in GB "
+                        "(on a CPU: ComfyUI's whole process, its other models included; on a GPU: what torch holds "
+                        "there). Levels that would not fit are evaluated in tiles, with a shorter L-BFGS history. 0: "
+                        "what the device has free.",
                     },
                 ),
                 "match_content": (
@@ -271,6 +285,7 @@ class FusionStyleFusedOptimize:
         preset=None,
         tile=None,
         final_iterations=None,
+        max_memory_gb=None,
         match_content=None,
     ):
         inputs = dict(
@@ -290,10 +305,13 @@ class FusionStyleFusedOptimize:
             mixed_precision=_DEFAULTS.mixed_precision if mixed_precision is None else bool(mixed_precision),
             preview_every=PREVIEW_EVERY,
             tile=tile or _DEFAULTS.tile,
-            final_iterations=final_iterations or _DEFAULTS.final_iterations,
+            final_iterations=_DEFAULTS.final_iterations if final_iterations is None else final_iterations,
+            max_memory=max_memory_gb or _DEFAULTS.max_memory,
             match_content=_DEFAULTS.match_content if match_content is None else match_content,
         )
-        settings = Settings(**{**inputs, **preset_fields(preset or "default")})  # the preset wins over the widgets
+        # a widget changed from its default is the user's choice and wins over the preset; one left alone, the preset's
+        settings = settings_for(preset or "default", chosen_fields(inputs))
+        style_losses = preset_terms(preset or "default", style_losses or [])  # a1, a2 likewise
         check_layers(vgg, style_losses, settings)  # before any work: name the widget that asks for a missing layer
         contents = split_images("content_image", content_image)
         steps = settings.total_steps()
@@ -309,11 +327,7 @@ class FusionStyleFusedOptimize:
 
                 def on_progress(p, done=i * steps):
                     if p.iteration == 1 and p.tiles > 1:
-                        whole = f" (layers after {p.split} whole)" if p.split else ""
-                        comfy.log(
-                            f"Fused Style Optimize: level {p.level}/{p.levels} in {p.tiles} tiles{whole}, "
-                            f"L-BFGS history {p.history}"
-                        )
+                        comfy.log(f"Fused Style Optimize: level {p.level}/{p.levels}: {p.plan()}")
                     update(done + p.step, None if p.image is None else to_pil(p.image))
 
                 try:
@@ -337,20 +351,17 @@ class FusionStyleFusedOptimize:
 def check_layers(vgg, style_losses, settings: Settings) -> None:
     """Every layer the run needs must be in the loaded network (a VGG16 has no relu3_4, relu4_4, relu5_4): else
     a FusionError naming the node and widget that asks for it, and the layers the network has."""
-    asked = [("Fused Style Optimize: content_layer", (settings.content_layer,))]
-    if settings.global_layers is not None:
-        asked.append(("Fused Style Optimize: preset 'paper' (its Gram layers)", tuple(settings.global_layers)))
-    for i, term in enumerate(style_losses or []):
-        if isinstance(term, GlobalStyle):
-            if settings.global_layers is None:
-                asked.append((f"Global Style Loss (Gram), style_losses[{i}]: layers", tuple(term.layers)))
-        elif isinstance(term, LocalStyle):
-            asked.append((f"Local Patch Loss (MRF), style_losses[{i}]: layer", (term.layer,)))
     problems = []
-    for where, layers in asked:
-        missing = [layer for layer in layers if layer not in vgg.names]
-        if missing:
-            problems.append(f"{where} asks for {', '.join(map(repr, missing))}")
+    for where, layers in missing_layers(vgg, style_losses or [], settings):
+        if where == "content_layer":
+            widget = "Fused Style Optimize: content_layer"
+        elif where == "global_layers":
+            widget = "Fused Style Optimize: preset 'paper' (its Gram layers)"
+        else:
+            i = int(where[where.index("[") + 1 : where.index("]")])
+            node = "Global Style Loss (Gram)" if where.endswith(".layers") else "Local Patch Loss (MRF)"
+            widget = f"{node}, style_losses[{i}]: {where.rsplit('.', 1)[1]}"
+        problems.append(f"{widget} asks for {', '.join(map(repr, layers))}")
     if problems:
         has = ", ".join(loss_layers(vgg.arch))
         raise FusionError(
@@ -360,10 +371,8 @@ def check_layers(vgg, style_losses, settings: Settings) -> None:
 
 
 def _needed_bytes(vgg, content_image, style_losses, settings: Settings) -> int:
-    """The network plus fusion_core's estimate of one run, for ComfyUI to make room on the device."""
-    model = sum(t.numel() * t.element_size() for t in vgg.parameters())
-    shape = fit_longest(content_image.shape[1], content_image.shape[2], settings.size)
+    """fusion_core's figure for one run (memory.run_bytes), for ComfyUI to make room on the device."""
     try:
-        return model + estimate_bytes(vgg, shape, style_losses, settings)
-    except ValueError:  # e.g. a layer this VGG lacks: stylize() reports it clearly
-        return model
+        return run_bytes(vgg, tuple(content_image.shape[1:3]), style_losses, settings)
+    except (ValueError, FusionError):  # e.g. a budget too small: stylize() reports it clearly
+        return sum(t.numel() * t.element_size() for t in vgg.parameters())

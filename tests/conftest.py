@@ -87,14 +87,19 @@ def style_terms(style_image) -> list:
 @pytest.fixture
 def fake_stylize(monkeypatch):
     """``install(module)`` replaces ``module.stylize`` with a stand-in that records the Settings it is given and
-    returns the content as it is, and returns the list of recorded Settings: what a front end (the CLI, a node)
-    hands fusion_core, without the optimisation."""
+    returns the content as it is, and returns the list of recorded Settings (its ``styles``: the terms of each
+    call): what a front end (the CLI, a node) hands fusion_core, without the optimisation."""
+
+    class Calls(list):
+        styles: list
 
     def install(module) -> list:
-        calls = []
+        calls = Calls()
+        calls.styles = []
 
         def record(vgg, content, styles, settings, **kwargs):
             calls.append(settings)
+            calls.styles.append(list(styles))
             return content
 
         monkeypatch.setattr(module, "stylize", record)

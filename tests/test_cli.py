@@ -91,26 +91,30 @@ def test_several_styles_masks_and_controls_give_the_library_result(files):
         "exact",
         "--rematch-every",
         "2",
+        "--final-iters",
+        "0",
         "--device",  # the library call below runs on the CPU; "auto" would take a GPU where there is one
         "cpu",
         "--quiet",
     ]
     assert run(files, *args, "--out", str(out)) == 0
-    # The same run written out by hand against the library: a Global + Local term per style, weighted by its
-    # share of the blend and limited to its mask (the white right half), and the flags as Settings.
+    # The same run written out by hand against the library: a Global + Local term per style with its blend weight
+    # (the library shares the weights out by them) and limited to its mask (the white right half), and the flags as
+    # Settings.
     mask = torch.zeros(40, 56)
     mask[:, 28:] = 1
     terms = []
-    for name, share in (("style.png", 0.7), ("style2.png", 0.3)):
+    for name, blend in (("style.png", 0.7), ("style2.png", 0.3)):
         style = read_rgb(files / name)
         terms += [
-            GlobalStyle(style, weight=20.0 * share, target_mask=mask, scale=0.8),
-            LocalStyle(style, weight=1e-4 * share, target_mask=mask, scale=0.8),
+            GlobalStyle(style, target_mask=mask, scale=0.8, blend=blend),  # the default weights
+            LocalStyle(style, target_mask=mask, scale=0.8, blend=blend),
         ]
     settings = Settings(
         size=48,
         levels=2,
         iterations=3,
+        final_iterations=0,
         color="luminance",
         optimizer="adam",
         tv_weight=1.0,
@@ -141,7 +145,7 @@ def test_tile_and_final_iterations_flags_reach_the_settings(files, fake_stylize)
     )
     assert (captured[0].tile, captured[0].final_iterations) == (1024, 7)
     assert run(files, "--style", str(files / "style.png"), "--out", out, "--quiet") == 0
-    assert (captured[1].tile, captured[1].final_iterations) == (0, 0)  # automatic; the same as --iters
+    assert (captured[1].tile, captured[1].final_iterations) == (0, Settings().final_iterations)  # tiles: automatic
 
 
 @pytest.mark.parametrize(
@@ -205,3 +209,19 @@ def test_match_content_reaches_the_settings_and_the_paper_preset_sets_it_to_zero
     captured = fake_stylize(cli)
     assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
     assert captured[0].match_content == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], (20.0, 5e-5, 10.0, 30)),
+        (["--preset", "paper"], (20.0, 1e-4, 20.0, 0)),  # the paper's a1, a2, a3; every level alike
+        (["--preset", "paper", "--local-weight", "3e-4", "--content-weight", "7"], (20.0, 3e-4, 7.0, 0)),
+        (["--global-weight", "40", "--final-iters", "0"], (40.0, 5e-5, 10.0, 0)),
+    ],
+)
+def test_the_paper_preset_sets_the_weights_and_schedule_not_given(files, fake_stylize, flags, expected):
+    captured = fake_stylize(cli)
+    assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
+    (global_term, local_term), s = captured.styles[0], captured[0]
+    assert (global_term.weight, local_term.weight, s.content_weight, s.final_iterations) == expected

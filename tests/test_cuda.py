@@ -11,9 +11,9 @@ import torch
 from helpers import smooth_image, tiny_vgg
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, memory
-from fusion_core.criterion import build_criterion
 from fusion_core.matching import MATCHERS, nearest_patches
 from fusion_core.stylize import stylize
+from fusion_core.targets import build_criterion
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU here: the CUDA path (float16, device matcher) is not run"
@@ -30,7 +30,7 @@ def exact_scores(query, style, indices):
 def test_default_run_on_cuda_reaches_the_cpu_float32_result():
     content, style = smooth_image(48, 64, seed=1), smooth_image(64, 64, seed=2)
     styles = [GlobalStyle(style), LocalStyle(style)]
-    settings = Settings(size=64, levels=2, iterations=30)  # defaults: fast matcher, float16 on CUDA
+    settings = Settings(final_iterations=0, size=64, levels=2, iterations=30)  # defaults: fast matcher, float16 on CUDA
     vgg = tiny_vgg(width=8)
     cpu = stylize(vgg, content, styles, Settings(**{**vars(settings), "mixed_precision": False}))
     gpu_styles = [GlobalStyle(style.cuda()), LocalStyle(style.cuda())]
@@ -68,16 +68,16 @@ def test_memory_check_on_cuda_counts_what_torch_holds():
     vgg = tiny_vgg(width=8).cuda()
     style = smooth_image(64, 64, seed=2).cuda()
     styles = [GlobalStyle(style), LocalStyle(style)]
-    memory.check_memory(vgg, (256, 256), styles, Settings(size=256))  # fits
+    memory.plan_level(vgg, (256, 256), styles, Settings(size=256))  # fits
     with pytest.raises(Exception, match="needs about"):
-        memory.check_memory(vgg, (256, 256), styles, Settings(size=256), available=1)
+        memory.plan_level(vgg, (256, 256), styles, Settings(size=256), available=1)
 
 
 def test_an_iteration_synchronises_with_the_host_once():
     content, style = smooth_image(48, 64, seed=1).cuda(), smooth_image(64, 64, seed=2).cuda()
     vgg = tiny_vgg(width=8).cuda()
     marks = []  # (iteration, synchronisations so far)
-    settings = Settings(size=64, levels=1, iterations=6)
+    settings = Settings(final_iterations=0, size=64, levels=1, iterations=6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")  # torch warns at every call that waits for the GPU

@@ -175,24 +175,35 @@ def test_patch_loss_fits_the_projection_once(monkeypatch):
 
 
 @pytest.mark.parametrize("matcher", ["fast", "exact"])
-def test_the_heaps_are_trimmed_after_full_searches_only(matcher, monkeypatch):
-    """A full search frees large blocks that glibc would keep (BENCHMARKS.md: an untiled 2048 px level peaked at
-    9-13 GB against its 6.8 GB estimate): the patch loss gives them back after every full search, and not after
-    the fast search's propagations, where that would only cost page faults."""
-    from fusion_core import losses
-
-    trims, searches = [], []
-    monkeypatch.setattr(losses, "trim_heaps", lambda: trims.append(len(searches)))
+def test_a_match_says_whether_it_was_a_full_search(matcher):
+    """A full search frees large blocks, which the level loop has the C allocator give back (BENCHMARKS.md: an
+    untiled 2048 px level peaked at 9-13 GB against its 6.8 GB estimate): ``match`` says which matches were full."""
     loss = PatchLoss("relu3_1", vgg_features(seed=7), matcher=matcher)
-    for seed in range(8, 8 + 2 * M.FULL_SEARCH_EVERY + 1):
-        loss.match({"relu3_1": vgg_features(seed=seed)})
-        searches.append(loss._search.last_full)
-    expected = [i for i, full in enumerate(searches) if full]  # trimmed during the match numbered i
-    assert trims == expected
+    found = [loss.match({"relu3_1": vgg_features(seed=seed)}) for seed in range(8, 8 + 2 * M.FULL_SEARCH_EVERY + 1)]
     if matcher == "fast":  # a full search at the first match and every FULL_SEARCH_EVERY-th, propagations between
-        assert searches == [i % M.FULL_SEARCH_EVERY == 0 for i in range(len(searches))]
+        assert found == [i % M.FULL_SEARCH_EVERY == 0 for i in range(len(found))]
     else:
-        assert all(searches)
+        assert all(found)
+
+
+def test_the_level_loop_trims_the_heaps_before_each_plan_and_after_full_searches_only(monkeypatch):
+    import fusion_core.stylize as stylize_module
+
+    events = []
+    monkeypatch.setattr(stylize_module, "trim_heaps", lambda: events.append("trim"))
+    original = PatchLoss.match
+
+    def match(self, features):
+        full = original(self, features)
+        events.append("full" if full else "propagation")
+        return full
+
+    monkeypatch.setattr(PatchLoss, "match", match)
+    content, style = smooth_image(40, 48, seed=1), smooth_image(40, 48, seed=2)
+    settings = Settings(final_iterations=0, size=48, levels=1, iterations=5, init="content")
+    stylize_module.stylize(tiny_vgg(), content, [LocalStyle(style)], settings)
+    # the plan before any work, the level's plan, then a trim after each full search and after nothing else
+    assert events == ["trim", "trim", "full", "trim", "propagation", "propagation", "full", "trim", "propagation"]
 
 
 def test_defaults_use_the_fast_search_and_the_exact_one_stays_available():
@@ -289,7 +300,7 @@ def test_rematch_schedule_searches_exactly_every_k_iterations(monkeypatch, every
 
 def test_exact_matching_every_evaluation_still_runs():
     content, style = smooth_image(24, 32, seed=1), smooth_image(32, 32, seed=2)
-    settings = Settings(size=32, levels=1, iterations=3, matcher="exact", rematch_every=1)
+    settings = Settings(final_iterations=0, size=32, levels=1, iterations=3, matcher="exact", rematch_every=1)
     out = stylize(tiny_vgg(), content, [GlobalStyle(style), LocalStyle(style)], settings)
     assert out.shape == (1, 3, 24, 32) and torch.isfinite(out).all()
 

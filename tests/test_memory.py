@@ -2,13 +2,15 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import saved_bytes, smooth_image, tiny_vgg
 
-from fusion_core import GlobalStyle, LocalStyle, Settings, memory
+from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, allocator, memory
+from fusion_core.geometry import border_margin, with_margin
 from fusion_core.precision import GradientScale, autocast
 
 
@@ -72,7 +74,7 @@ def _mapped_bytes() -> int:
 def _has_mallinfo2() -> bool:
     import ctypes
 
-    return memory._mallopt() is not None and hasattr(ctypes.CDLL(None), "mallinfo2")  # glibc >= 2.33
+    return allocator._mallopt() is not None and hasattr(ctypes.CDLL(None), "mallinfo2")  # glibc >= 2.33
 
 
 @pytest.mark.skipif(not _has_mallinfo2(), reason="not Linux with glibc >= 2.33: the allocator setting does not apply")
@@ -84,11 +86,11 @@ import sys
 sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
 import torch
 from test_memory import _mapped_bytes
-from fusion_core import memory
-size = 2 * memory.RETURNED_BLOCK  # below the 32 MB up to which glibc serves blocks from its heaps
+from fusion_core import allocator
+size = 2 * allocator.RETURNED_BLOCK  # below the 32 MB up to which glibc serves blocks from its heaps
 warm = torch.ones((30 << 20) // 4)
 del warm  # freeing a mapped block raises glibc's own threshold to its size: as in a process that has been working
-with memory.freed_memory_returned(torch.device("cpu")):
+with allocator.freed_memory_returned(torch.device("cpu")):
     before = _mapped_bytes()
     block = torch.ones(size // 4)
     assert _mapped_bytes() >= before + size, "not mapped from the system"
@@ -102,15 +104,15 @@ assert _mapped_bytes() == before, "still mapped after the level"
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.skipif(memory._mallopt() is None, reason="not Linux with glibc: there is no heap to trim")
-def test_what_the_process_freed_in_its_heaps_counts_as_available_on_a_cpu():
+@pytest.mark.skipif(allocator._mallopt() is None, reason="not Linux with glibc: there is no heap to trim")
+def test_what_the_process_freed_in_its_heaps_counts_as_available_once_trimmed():
     # In a fresh process: blocks below glibc's threshold come from its heaps; freed between blocks still in use,
-    # they stay the process's (resident) until malloc_trim, which available_bytes runs before it asks the system.
+    # they stay the process's (resident) until malloc_trim, which the level loop runs before it plans a level.
     script = """
 import os, sys
 sys.path.insert(0, %r)
 import torch
-from fusion_core import memory
+from fusion_core import allocator
 def resident():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -119,7 +121,7 @@ del warm  # freeing a mapped block raises glibc's own threshold to its size: 4 M
 blocks = [torch.ones((4 << 20) // 4) for _ in range(64)]  # 256 MB, touched
 del blocks[0::2]  # 128 MB freed between blocks still in use: glibc gives back only what is free at a heap's top
 before = resident()
-memory.available_bytes(torch.device("cpu"))
+allocator.trim_heaps()
 given_back = before - resident()
 assert given_back >= 100 << 20, given_back
 """
@@ -133,22 +135,96 @@ assert given_back >= 100 << 20, given_back
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_the_allocator_setting_is_for_cpu_tiled_levels_and_is_set_back(monkeypatch):
+def test_the_allocator_setting_is_entered_only_where_the_caller_asks_and_is_set_back(monkeypatch):
+    """A library call never changes the process's allocator (ComfyUI runs us in its process): ``stylize`` enters
+    ``freed_memory_returned`` only around tiled levels, and only when its caller passes it as ``tiled_level``, as
+    the command line does."""
     calls = []
-    monkeypatch.setattr(memory, "_mallopt", lambda: lambda option, value: calls.append((option, value)) or 1)
+    monkeypatch.setattr(allocator, "_mallopt", lambda: lambda option, value: calls.append((option, value)) or 1)
     for device, enabled in (("cuda", True), ("mps", True), ("cpu", False)):
-        with memory.freed_memory_returned(torch.device(device), enabled):
+        with allocator.freed_memory_returned(torch.device(device), enabled):
             pass
     assert calls == []
-    with pytest.raises(KeyError), memory.freed_memory_returned(torch.device("cpu")):
-        assert calls == [(memory._M_MMAP_THRESHOLD, memory.RETURNED_BLOCK)]
+    with pytest.raises(KeyError), allocator.freed_memory_returned(torch.device("cpu")):
+        assert calls == [(allocator._M_MMAP_THRESHOLD, allocator.RETURNED_BLOCK)]
         raise KeyError("set back on errors too")
-    assert calls[-1] == (memory._M_MMAP_THRESHOLD, memory._GLIBC_LARGEST_THRESHOLD)
+    assert calls[-1] == (allocator._M_MMAP_THRESHOLD, allocator._GLIBC_LARGEST_THRESHOLD)
     calls.clear()
     import fusion_core.stylize as stylize_module
 
     content, style = smooth_image(61, 77, seed=1), smooth_image(54, 83, seed=2)
     styles = [GlobalStyle(style, layers=("relu1_1", "relu2_1", "relu3_1")), LocalStyle(style)]
     for tile in (0, 50):
-        stylize_module.stylize(tiny_vgg(), content, styles, Settings(size=77, levels=2, iterations=1, tile=tile))
+        settings = Settings(final_iterations=0, size=77, levels=2, iterations=1, tile=tile)
+        stylize_module.stylize(tiny_vgg(), content, styles, settings)
+        assert calls == []  # a library call: never
+        stylize_module.stylize(tiny_vgg(), content, styles, settings, tiled_level=allocator.freed_memory_returned)
         assert len(calls) == (4 if tile else 0), calls  # each level in tiles, entered and left
+        calls.clear()
+
+
+def test_a_tiled_plan_counts_the_content_maps_it_holds():
+    """The content term's target and the patch search's guide (the content's map on the local layer) are one map
+    when both use a layer, two when they do not, and none is kept for a zero weight: the tiled estimate grows by
+    exactly the maps' bytes."""
+    vgg = tiny_vgg(width=8)
+    shape, style = (200, 240), smooth_image(200, 240, seed=2)
+    styles = [GlobalStyle(style), LocalStyle(style)]  # the local term on relu3_1
+
+    def estimate(**changes) -> int:
+        return memory.tiled_bytes(vgg, shape, styles, Settings(**changes), 192, 5)
+
+    relu3_1 = 4 * vgg.convs[4].out_channels * (shape[0] // 4) * (shape[1] // 4)
+    assert estimate(content_layer="relu3_1", match_content=0.5) == estimate(content_layer="relu3_1", match_content=0)
+    assert (
+        estimate(content_layer="relu4_1", match_content=0.5)
+        == estimate(content_layer="relu4_1", match_content=0) + relu3_1
+    )
+    assert estimate(match_content=0) == estimate(content_weight=0, match_content=0) + relu3_1
+
+
+def test_a_memory_budget_leaves_room_for_what_the_process_holds(monkeypatch):
+    """``Settings.max_memory``: the plan may use the budget less what the process holds on the device, and no more
+    than the device has free."""
+    gib = 2**30
+    monkeypatch.setattr(memory, "_free_bytes", lambda device: 20 * gib)
+    monkeypatch.setattr(memory, "held_bytes", lambda device: gib // 2)
+    cpu = torch.device("cpu")
+    assert memory.available_bytes(cpu) == 20 * gib
+    assert memory.available_bytes(cpu, 3.0) == 3 * gib - gib // 2
+    assert memory.available_bytes(cpu, 0.25) == 0  # nothing left: the plans refuse
+    monkeypatch.setattr(memory, "_free_bytes", lambda device: gib)
+    assert memory.available_bytes(cpu, 3.0) == gib  # the device has less than the budget
+
+
+def test_plans_fit_the_budget_and_a_budget_too_small_is_refused_with_its_name(monkeypatch):
+    vgg = tiny_vgg(width=8)
+    style = smooth_image(256, 256, seed=2)
+    styles = [GlobalStyle(style), LocalStyle(style)]
+    shape = (520, 520)
+    monkeypatch.setattr(memory, "held_bytes", lambda device: 0)
+    monkeypatch.setattr(memory, "_free_bytes", lambda device: 1 << 40)
+    whole = memory.estimate_bytes(vgg, shape, styles, Settings())
+    roomy = memory.plan_level(vgg, shape, styles, Settings(max_memory=2 * whole / 2**30))
+    assert roomy.tile == 0
+    budget = 0.6 * whole / 2**30
+    tight = memory.plan_level(vgg, shape, styles, Settings(max_memory=budget))
+    assert tight.tile > 0
+    assert memory.plan_bytes(vgg, shape, styles, Settings(), tight) <= memory.MARGIN * budget * 2**30
+    with pytest.raises(FusionError, match=r"max_memory 0\.001 GB leaves .* or a larger max_memory \(now 0\.001 GB\)"):
+        memory.plan_level(vgg, shape, styles, Settings(max_memory=0.001))
+
+
+def test_a_runs_bytes_are_the_network_and_its_last_level_as_planned():
+    vgg = tiny_vgg(width=8)
+    style = smooth_image(256, 256, seed=2)
+    styles = [GlobalStyle(style), LocalStyle(style)]
+    model = sum(t.numel() * t.element_size() for t in vgg.parameters())
+    settings = Settings(size=500, levels=3)
+    canvas = with_margin((375, 500), border_margin((375, 500)))  # a 600 x 800 content's last level, with its margin
+    whole = memory.estimate_bytes(vgg, canvas, styles, settings)
+    assert memory.run_bytes(vgg, (600, 800), styles, settings) == model + whole  # no budget: whole, however large
+    budget = replace(settings, max_memory=0.6 * whole / 2**30)
+    tight = memory.run_bytes(vgg, (600, 800), styles, budget)
+    plan = memory.plan_level(vgg, canvas, styles, budget, round(0.6 * whole))
+    assert plan.tile > 0 and tight == model + memory.plan_bytes(vgg, canvas, styles, budget, plan) < model + whole

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from unittest.mock import patch
 
@@ -16,7 +17,8 @@ import fusion_style
 import pytest
 import torch
 from fusion_style.fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, VGGFeatures, random_vgg
-from fusion_style.fusion_core.config import COLOR_MODES, INITS, MATCHER_NAMES, OPTIMIZERS, PRESETS
+from fusion_style.fusion_core.choices import blend_shares
+from fusion_style.fusion_core.config import COLOR_MODES, INITS, MATCHER_NAMES, OPTIMIZERS, PRESET_WEIGHTS, PRESETS
 from fusion_style.fusion_core.images import resize
 from fusion_style.fusion_core.stylize import stylize
 from fusion_style.nodes import comfy, optimize
@@ -39,11 +41,24 @@ COMFYUI_MODULES = (
     "node_helpers",
 )
 # Fused Style Optimize's inputs in these tests, unless a test overrides them: tiny and quick.
-OPTIMIZE = dict(content_weight=20.0, content_layer="relu3_1", size=32, levels=1, iterations=3, init="random", seed=0)
+OPTIMIZE = dict(
+    content_weight=20.0,
+    content_layer="relu3_1",
+    size=32,
+    levels=1,
+    iterations=3,
+    final_iterations=0,
+    init="random",
+    seed=0,
+)
+
+
+OMITTED = object()  # an input an old workflow does not have
 
 
 def optimize_inputs(vgg, content, terms, **overrides) -> dict:
-    return {"vgg": vgg, "content_image": content, "style_losses": terms, **OPTIMIZE, **overrides}
+    inputs = {"vgg": vgg, "content_image": content, "style_losses": terms, **OPTIMIZE, **overrides}
+    return {name: value for name, value in inputs.items() if value is not OMITTED}
 
 
 def library_result(vgg, content_image, style_image, *, mask=None, style_scale=1.0, **settings) -> torch.Tensor:
@@ -61,7 +76,7 @@ def library_result(vgg, content_image, style_image, *, mask=None, style_scale=1.
             style, weight=20.0, layers=("relu1_2", "relu2_2", "relu3_3"), target_mask=target_mask, scale=style_scale
         ),
         LocalStyle(
-            style, weight=1e-4, layer="relu3_1", patch_size=3, stride=1, target_mask=target_mask, scale=style_scale
+            style, weight=5e-5, layer="relu3_1", patch_size=3, stride=1, target_mask=target_mask, scale=style_scale
         ),
     ]
     image = stylize(vgg, as_library_image(content_image), terms, Settings(**{**OPTIMIZE, **settings}))
@@ -140,9 +155,10 @@ def test_learning_rate_says_auto_rather_than_zero():
     assert names.index("learning_rate_mode") + 1 == names.index("learning_rate")
 
 
-def test_local_weight_default_is_the_paper_value():
-    (_, options) = NODES["FusionStyleLocalPatchLoss"].INPUT_TYPES()["required"]["weight"]
-    assert options["default"] == 1e-4 and options["min"] == 0
+def test_weight_defaults_are_the_library_defaults():
+    for name, kind in (("FusionStyleGlobalStyleLoss", "global"), ("FusionStyleLocalPatchLoss", "local")):
+        (_, options) = NODES[name].INPUT_TYPES()["required"]["weight"]
+        assert options["default"] == PRESET_WEIGHTS["default"][kind] and options["min"] == 0
 
 
 def test_seed_has_control_after_generate_and_the_full_range():
@@ -229,8 +245,8 @@ def test_local_loss_makes_a_term():
 def test_style_batch_blends_equally():
     terms = loss_chain(comfy_images(3, 40, 32, seed=1))
     assert [type(t).__name__ for t in terms] == ["GlobalStyle"] * 3 + ["LocalStyle"] * 3
-    assert [t.weight for t in terms[:3]] == pytest.approx([20 / 3] * 3)
-    assert [t.weight for t in terms[3:]] == pytest.approx([1e-4 / 3] * 3)
+    assert [t.weight for t in terms] == [20.0] * 3 + [5e-5] * 3
+    assert blend_shares(terms) == pytest.approx([1 / 3] * 6)  # the run's share of each kind's weight
     assert len({id(t.image) for t in terms[:3]}) == 3
 
 
@@ -240,12 +256,14 @@ def test_blend_defaults_to_one_and_stays_in_0_1():
         assert (kind, options["default"], options["min"], options["max"]) == ("FLOAT", 1.0, 0.0, 1.0)
 
 
-def test_blend_multiplies_the_weight_on_top_of_the_batch_split():
+def test_blend_shares_the_weight_with_the_batch_split():
     a = loss_chain(comfy_images(1, 40, 32, seed=1), blend=0.7)
     ab = loss_chain(comfy_images(2, 40, 32, seed=2), blend=0.3, style_losses=a)
-    assert [t.weight for t in ab] == pytest.approx([20 * 0.7, 1e-4 * 0.7] + [20 * 0.3 / 2] * 2 + [1e-4 * 0.3 / 2] * 2)
-    assert [t.weight for t in loss_chain(comfy_images(1, 40, 32), blend=None)] == [20.0, 1e-4]  # not given: 1
-    assert [t.weight for t in loss_chain(comfy_images(1, 40, 32), blend=0.0)] == [0.0, 0.0]  # a zero-weight term
+    assert [t.blend for t in ab] == pytest.approx([0.7, 0.7, 0.15, 0.15, 0.15, 0.15])
+    assert [t.weight for t in ab] == [20.0, 5e-5, 20.0, 20.0, 5e-5, 5e-5]
+    assert blend_shares(ab) == pytest.approx([0.7, 0.7, 0.15, 0.15, 0.15, 0.15])
+    assert [t.blend for t in loss_chain(comfy_images(1, 40, 32), blend=None)] == [1.0, 1.0]  # not given: 1
+    assert [t.blend for t in loss_chain(comfy_images(1, 40, 32), blend=0.0)] == [0.0, 0.0]  # a term of no weight
 
 
 def test_blend_one_to_zero_reproduces_the_single_style_exactly(node_vgg):
@@ -414,7 +432,8 @@ def test_optimize_optimiser_inputs_reach_fusion_core(fake_stylize, node_vgg, con
     )
     assert settings.learning_rate is None  # auto: the optimiser's own step size, whatever the value below says
     assert settings.mixed_precision is False
-    defaults, omitted = Settings(), capture_settings(*given)  # an old workflow without the new inputs
+    # an old workflow without the new inputs
+    defaults, omitted = Settings(), capture_settings(*given, final_iterations=OMITTED)
     for name in (
         "color",
         "optimizer",
@@ -431,17 +450,40 @@ def test_optimize_optimiser_inputs_reach_fusion_core(fake_stylize, node_vgg, con
     assert (omitted.local_all_levels, omitted.global_layers) == (False, None)  # no preset input: the default one
 
 
-def test_optimize_paper_preset_wins_over_the_widgets(fake_stylize, node_vgg, content_image, style_terms):
+def test_optimize_paper_preset_sets_the_widgets_left_at_their_defaults(
+    fake_stylize, node_vgg, content_image, style_terms
+):
+    """The rule the command line follows too (fusion_core.choices): a widget the user changed wins over the preset,
+    one left at its default is the preset's."""
     given = (fake_stylize, node_vgg, content_image, style_terms)
-    settings = capture_settings(*given, init="recolored", tv_weight=10.0, preset="paper")
+    settings = capture_settings(*given, init="recolored", tv_weight=10.0, preset="paper")  # the defaults
     assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("random", 0.0, True)
     assert settings.global_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_2")
     assert settings.match_content == 0.0
+    settings = capture_settings(*given, init="content", tv_weight=3.0, preset="paper", match_content=0.7)
+    assert (settings.init, settings.tv_weight, settings.match_content) == ("content", 3.0, 0.7)  # the user's
+    assert settings.local_all_levels  # the preset's, no widget
     settings = capture_settings(*given, init="content", tv_weight=3.0, preset="default", match_content=0.7)
     assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("content", 3.0, False)
     assert settings.match_content == 0.7
     with pytest.raises(FusionError, match="preset: 'gatys' is not one of default, paper"):
         capture_settings(*given, preset="gatys")
+
+
+def test_optimize_paper_preset_sets_the_weights_left_at_their_defaults(
+    fake_stylize, node_vgg, content_image, style_image
+):
+    calls = fake_stylize(optimize)
+    chain = loss_chain(style_image)  # the widgets' defaults: a1 20, a2 5e-5
+    changed = loss_chain(style_image)
+    changed[1] = replace(changed[1], weight=3e-4)  # as if the user had typed it into the widget
+    for terms, preset, expected in (
+        (chain, "default", (20.0, 5e-5)),
+        (chain, "paper", (20.0, 1e-4)),
+        (changed, "paper", (20.0, 3e-4)),
+    ):
+        run_node("FusionStyleFusedOptimize", **optimize_inputs(node_vgg, content_image, terms, preset=preset))
+        assert tuple(term.weight for term in calls.styles[-1]) == expected, preset
 
 
 def test_optimize_with_adam_and_tv(node_vgg, content_image, style_terms):

@@ -10,11 +10,12 @@ from helpers import smooth_image, tiny_vgg
 
 import fusion_core.criterion as criterion_module
 import fusion_core.stylize as stylize_module
+import fusion_core.targets as targets_module
 from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, precision
 from fusion_core.config import PAPER_GLOBAL_LAYERS
-from fusion_core.criterion import build_criterion
 from fusion_core.lbfgs import LBFGS
 from fusion_core.stylize import stylize
+from fusion_core.targets import build_criterion
 
 NATIVE_BFLOAT16 = precision.native_bfloat16  # the real probe (conftest replaces it during tests)
 NO_GPU = "no CUDA GPU here: the float16 autocast path only runs on CUDA"
@@ -96,7 +97,9 @@ def test_device_choices():
 
 def _float16_on_cpu(monkeypatch):
     """The CUDA path (float16 autocast, the dynamic gradient scale) emulated on the CPU."""
-    monkeypatch.setattr(criterion_module, "mixed_dtype", lambda device, wanted=True: torch.float16 if wanted else None)
+    half = lambda device, wanted=True: torch.float16 if wanted else None  # noqa: E731
+    monkeypatch.setattr(criterion_module, "mixed_dtype", half)
+    monkeypatch.setattr(targets_module, "mixed_dtype", half)  # the targets' passes
 
 
 def _gradient(criterion, image):
@@ -276,7 +279,7 @@ def test_stylize_in_bfloat16_reaches_the_float32_result(monkeypatch):
     monkeypatch.setattr(precision, "native_bfloat16", lambda: True)
     content, style = smooth_image(24, 32, seed=1), smooth_image(32, 32, seed=2)
     styles = [GlobalStyle(style), LocalStyle(style)]
-    settings = Settings(size=32, levels=1, iterations=40, seed=3)
+    settings = Settings(final_iterations=0, size=32, levels=1, iterations=40, seed=3)
     vgg = tiny_vgg(width=8)
     dtypes = []
     record_activation_dtypes(vgg, dtypes)
@@ -362,7 +365,7 @@ def test_every_pass_of_a_run_is_in_full_float32(monkeypatch, host_with_tf32, mix
     shape, tile = (61, 77), 50
     content, style = smooth_image(*shape, seed=1), smooth_image(54, 83, seed=2)
     styles = [GlobalStyle(style, layers=("relu1_1", "relu2_1", "relu3_1")), LocalStyle(style)]
-    settings = Settings(size=77, levels=1, iterations=2)
+    settings = Settings(final_iterations=0, size=77, levels=1, iterations=2)
     whole = build_criterion(vgg, content, styles, settings, shape)
     tiled = TiledCriterion(build_criterion(vgg, content, styles, settings, shape, tile=tile), shape, tile, None)
     assert tiled.tiles > 1 and (whole.half_dtype == torch.float16) == mixed

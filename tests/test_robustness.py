@@ -10,7 +10,7 @@ from helpers import tiny_vgg
 
 from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings
 from fusion_core.images import resize_mask
-from fusion_core.memory import MIN_TILE, check_memory, estimate_bytes, tiled_bytes
+from fusion_core.memory import MIN_TILE, estimate_bytes, plan_level, tiled_bytes
 from fusion_core.stylize import stylize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +34,14 @@ def test_a_run_that_cannot_fit_even_in_tiles_is_refused_with_the_estimate_and_a_
         match=r"size: an output of 4096x4096 px needs about .* GiB even in tiles of \d+ px, but only .* GiB is free"
         r".*about \d+ px would fit",
     ):
-        check_memory(vgg, (4096, 4096), styles, settings, available=needed // 2)
+        plan_level(vgg, (4096, 4096), styles, settings, available=needed // 2)
     whole = estimate_bytes(vgg, (4096, 4096), styles, settings)
-    assert check_memory(vgg, (4096, 4096), styles, settings, available=whole * 2).tile == 0  # fits whole
-    assert check_memory(vgg, (4096, 4096), styles, settings, available=whole // 2).tile > 0  # fits in tiles
+    assert plan_level(vgg, (4096, 4096), styles, settings, available=whole * 2).tile == 0  # fits whole
+    assert plan_level(vgg, (4096, 4096), styles, settings, available=whole // 2).tile > 0  # fits in tiles
 
 
 def test_huge_request_is_refused_before_any_work(vgg, content, style, monkeypatch):
-    monkeypatch.setattr("fusion_core.memory.available_bytes", lambda device: 64 * 2**20)
+    monkeypatch.setattr("fusion_core.memory.available_bytes", lambda device, max_memory=0: 64 * 2**20)
     calls = []
     monkeypatch.setattr(type(vgg), "forward", lambda *a, **k: calls.append(1))
     with pytest.raises(FusionError, match="needs about"):
@@ -65,7 +65,7 @@ def test_bad_masks(vgg, content, style, mask, message):
 def test_a_mask_of_another_size_or_range_is_the_mask_clamped_and_resized_to_the_output(vgg, content, style):
     mask = torch.full((1, 13, 29), 3.0)  # batch of one, wrong size, values above 1 ...
     mask[..., :10] = -1.0  # ... and below 0
-    settings = Settings(size=64, levels=1, iterations=2)  # one level at the content's own 48x64
+    settings = Settings(final_iterations=0, size=64, levels=1, iterations=2)  # one level at the content's own 48x64
 
     def run(target_mask):
         return stylize(vgg, content, [GlobalStyle(style, target_mask=target_mask), LocalStyle(style)], settings)

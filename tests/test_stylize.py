@@ -11,14 +11,14 @@ import fusion_core.stylize as stylize_module
 from fusion_core import Cancelled, FusionError, GlobalStyle, LocalStyle, Settings, lean_backward, load_image, load_vgg
 from fusion_core import functional as Fn
 from fusion_core.config import preset
-from fusion_core.criterion import build_criterion, styles_at_level
 from fusion_core.geometry import border_margin
 from fusion_core.images import mirror_pad, resize
 from fusion_core.losses import PatchLoss
 from fusion_core.matching import nearest_patches
 from fusion_core.stylize import carry_up, stylize
+from fusion_core.targets import build_criterion, styles_at_level
 
-FAST = dict(size=48, levels=2, iterations=6)
+FAST = dict(size=48, levels=2, iterations=6, final_iterations=0)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_total_loss_decreases(vgg, images):
         vgg,
         content,
         fused(style),
-        Settings(size=48, levels=1, iterations=15),
+        Settings(final_iterations=0, size=48, levels=1, iterations=15),
         on_progress=lambda p: totals.append(p.losses["total"]),
     )
     assert len(totals) == 15
@@ -123,14 +123,16 @@ def test_should_stop_cancels_before_the_next_iteration(vgg, images):
     with pytest.raises(Cancelled):
         stylize(vgg, content, fused(style), Settings(**FAST), on_progress=done.append, should_stop=stop_after_three)
     assert len(done) == 3
-    stylize(vgg, content, fused(style), Settings(size=32, levels=1, iterations=1))  # still usable
+    stylize(vgg, content, fused(style), Settings(final_iterations=0, size=32, levels=1, iterations=1))  # still usable
 
 
 def test_runs_inside_inference_mode_with_inference_tensors(images):
     content, style = images
     with torch.inference_mode():
         vgg = tiny_vgg("vgg16", width=4)  # built in inference mode, as a ComfyUI loader node would
-        out = stylize(vgg, content.clone(), fused(style.clone()), Settings(size=32, levels=1, iterations=2))
+        out = stylize(
+            vgg, content.clone(), fused(style.clone()), Settings(final_iterations=0, size=32, levels=1, iterations=2)
+        )
     assert out.shape[-1] == 32
 
 
@@ -270,7 +272,13 @@ def test_end_to_end_with_the_trained_vgg16():
     content = load_image(IMAGES / "chelsea.png")
     style = load_image(IMAGES / "starry_night.jpg")
     reports = []
-    out = stylize(vgg, content, fused(style), Settings(size=96, levels=2, iterations=15), on_progress=reports.append)
+    out = stylize(
+        vgg,
+        content,
+        fused(style),
+        Settings(final_iterations=0, size=96, levels=2, iterations=15),
+        on_progress=reports.append,
+    )
     assert out.shape == (1, 3, 64, 96)
     level_two = [r.losses["total"] for r in reports if r.level == 2]
     assert level_two[-1] < level_two[0]
@@ -284,7 +292,7 @@ def test_non_contiguous_inputs_work(vgg, images):
     _, style = images
     transposed = smooth_image(48, 34, seed=4).transpose(-1, -2)  # (1, 3, 34, 48): already the output size
     assert not transposed.is_contiguous()
-    settings = Settings(size=48, levels=1, iterations=3, init="content")
+    settings = Settings(final_iterations=0, size=48, levels=1, iterations=3, init="content")
     a = stylize(vgg, transposed, fused(style), settings)
     b = stylize(vgg, transposed.contiguous(), fused(style), settings)
     assert torch.equal(a, b)
@@ -331,7 +339,9 @@ def test_the_paper_preset_sets_back_what_the_defaults_change():
     assert paper.match_content == 0.0  # the nearest patches of the output alone
     assert (default.init, default.local_all_levels, default.global_layers) == ("recolored", False, None)
     assert default.tv_weight > 0 and default.match_content > 0
-    changed = ("init", "tv_weight", "local_all_levels", "global_layers", "match_content")
+    assert (paper.content_weight, paper.iterations, paper.final_iterations) == (20.0, 100, 0)  # a3, the schedule
+    changed = ("init", "tv_weight", "local_all_levels", "global_layers", "match_content", "content_weight")
+    changed += ("iterations", "final_iterations")
     same = {k for k in vars(default) if k not in changed}
     assert all(getattr(paper, k) == getattr(default, k) for k in same)
     assert preset("paper", init="content").init == "content"  # explicit changes win

@@ -13,12 +13,13 @@ import torch
 from helpers import smooth_image, tiny_vgg
 
 from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, memory
-from fusion_core.criterion import build_criterion
 from fusion_core.functional import gram_matrix, gram_part, gram_part_grad
-from fusion_core.geometry import feature_shape
+from fusion_core.geometry import feature_shape, layer_reach
 from fusion_core.memory import MIN_TILE, estimate_bytes, plan_level, split_candidates, tiled_bytes
 from fusion_core.stylize import stylize
-from fusion_core.tiling import TiledCriterion, TilePlan, layer_reach, tiled_maps
+from fusion_core.targets import build_criterion
+from fusion_core.tiles import TilePlan
+from fusion_core.tiling import TiledCriterion, tiled_maps
 
 GRADIENT_TOLERANCE = 1e-5  # of the largest gradient entry (module docstring)
 VALUE_TOLERANCE = 1e-5  # relative
@@ -231,7 +232,9 @@ def _run(net, tile: int, matcher: str, nudge: float = 0.0) -> torch.Tensor:
     content, style = smooth_image(70, 90, seed=9), smooth_image(80, 80, seed=10)
     content = content + nudge * torch.randn(content.shape, generator=torch.Generator().manual_seed(1))
     terms = [GlobalStyle(style, layers=SHALLOW), LocalStyle(style)]
-    settings = Settings(size=90, levels=2, iterations=6, matcher=matcher, mixed_precision=False, tile=tile)
+    settings = Settings(
+        final_iterations=0, size=90, levels=2, iterations=6, matcher=matcher, mixed_precision=False, tile=tile
+    )
     return stylize(net, content, terms, settings)
 
 
@@ -347,7 +350,9 @@ def test_a_run_that_cannot_fit_even_in_tiles_is_refused_with_the_estimate_and_a_
 def test_progress_reports_the_tiles_and_the_history(net, every_layer_in_tiles):
     content, style = smooth_image(70, 90, seed=9), smooth_image(80, 80, seed=10)
     reports = []
-    settings = Settings(size=90, levels=1, iterations=3, mixed_precision=False, tile=56, history_size=7)
+    settings = Settings(
+        final_iterations=0, size=90, levels=1, iterations=3, mixed_precision=False, tile=56, history_size=7
+    )
     stylize(net, content, [GlobalStyle(style, layers=SHALLOW)], settings, on_progress=reports.append)
     expected = TilePlan(net.names, (78, 98), dict.fromkeys(["relu1_1", "relu2_1", "relu3_1"], (0, 0)), 56)
     assert {(p.tiles, p.history, p.split) for p in reports} == {(len(expected.tiles), 2, None)}  # 3 iterations: 2 pairs
@@ -356,7 +361,7 @@ def test_progress_reports_the_tiles_and_the_history(net, every_layer_in_tiles):
 def test_progress_reports_the_split_the_plan_chose(net):
     content, style = smooth_image(70, 90, seed=9), smooth_image(80, 80, seed=10)
     reports = []
-    settings = Settings(size=90, levels=1, iterations=2, mixed_precision=False, tile=40)
+    settings = Settings(final_iterations=0, size=90, levels=1, iterations=2, mixed_precision=False, tile=40)
     stylize(net, content, [GlobalStyle(style, layers=SHALLOW)], settings, on_progress=reports.append)
     # plenty of memory: the shallowest split, and the tiles of the layers up to it
     expected = TilePlan(net.names, (78, 98), {"relu1_1": (0, 0), "pool1": (0, 0)}, 40)
@@ -426,7 +431,14 @@ def test_a_tiled_run_with_every_control_gives_the_untiled_image(net):
 
     def run(tile: int, nudge: float = 0.0) -> torch.Tensor:
         settings = Settings(
-            size=90, levels=2, iterations=5, matcher="exact", mixed_precision=False, color="histogram", tile=tile
+            size=90,
+            levels=2,
+            iterations=5,
+            final_iterations=0,
+            matcher="exact",
+            mixed_precision=False,
+            color="histogram",
+            tile=tile,
         )
         moved = content + nudge * torch.randn(content.shape, generator=torch.Generator().manual_seed(1))
         return stylize(net, moved, terms, settings)
