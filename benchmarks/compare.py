@@ -103,6 +103,7 @@ class Renderer:
         s = self.settings
         fields = [pair, method, f"{a1:g}", f"{a2:g}", s.size, s.levels, s.iterations, seed, s.matcher, s.rematch_every]
         fields += [s.init, f"{s.tv_weight:g}", int(s.local_all_levels), "-".join(s.global_layers or ())]
+        fields += [f"{s.content_weight:g}", s.final_iterations, f"{s.match_content:g}"]
         key = "_".join(str(f) for f in [*fields, self.digest])
         png, record_path = self.cache / f"{key}.png", self.cache / f"{key}.json"
         if png.is_file() and record_path.is_file():
@@ -227,7 +228,7 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=256, help="longest side of the output (default 256)")
     parser.add_argument("--levels", type=int, default=3, help="pyramid levels (default 3)")
-    parser.add_argument("--iterations", type=int, default=100, help="L-BFGS iterations per level (default 100)")
+    parser.add_argument("--iterations", type=int, help="L-BFGS iterations per level (default: the library's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the JPEGs and the JSON (default docs/)")
     parser.add_argument("--cache", default=None, help="cached renders (default: <temp>/fusion_style_compare)")
@@ -256,7 +257,8 @@ def main() -> None:
     names = {name for pair in args.pairs + [args.sweep_pair] if pair in PAIRS for name in PAIRS[pair]}
     images = {name: load_image(images_dir / name) for name in sorted(names)}
     vgg = load_vgg(args.weights)
-    settings = preset(args.preset, size=args.size, levels=args.levels, iterations=args.iterations, seed=args.seed)
+    changes = {} if args.iterations is None else {"iterations": args.iterations}
+    settings = preset(args.preset, size=args.size, levels=args.levels, seed=args.seed, **changes)
     renderer = Renderer(vgg, images, settings, Path(args.cache or Path(tempfile.gettempdir()) / "fusion_style_compare"))
     started = time.perf_counter()
     results: dict = {

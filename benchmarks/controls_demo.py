@@ -1,6 +1,6 @@
 """Before/after pictures of each control for the README, made with the trained VGG16.
 
-    PYTHONPATH=. python benchmarks/controls_demo.py --size 256 --iters 80    # the pictures in README.md
+    PYTHONPATH=. python benchmarks/controls_demo.py --size 256    # the pictures in docs/controls.md
 
 Writes docs/control_*.jpg: each a row of labelled panels (inputs, the default result, the control's result).
 """
@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
-from fusion_core.config import PRESETS  # noqa: E402
+from fusion_core.config import PRESET_WEIGHTS, PRESETS  # noqa: E402
 from fusion_core.geometry import fit_longest  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
 from fusion_core.stylize import stylize  # noqa: E402
@@ -49,8 +49,9 @@ def row(panels: list[Image.Image], path: Path) -> None:
     print(f"wrote {path}", flush=True)
 
 
-def fused(style: torch.Tensor, share: float = 1.0, **kw) -> list:
-    return [GlobalStyle(style, weight=20 * share, **kw), LocalStyle(style, weight=1e-4 * share, **kw)]
+def fused(style: torch.Tensor, share: float = 1.0, preset: str = "default", **kw) -> list:
+    a1, a2 = PRESET_WEIGHTS[preset]["global"], PRESET_WEIGHTS[preset]["local"]
+    return [GlobalStyle(style, weight=a1 * share, **kw), LocalStyle(style, weight=a2 * share, **kw)]
 
 
 def main() -> None:
@@ -109,7 +110,8 @@ def main() -> None:
         panels += [panel(run(fused(starry), init="content"), "init content")]
         panels += [panel(run(fused(starry), tv_weight=0.0), "TV weight 0")]
         panels += [panel(run(fused(starry), optimizer="adam"), "Adam")]
-        panels += [panel(run(fused(starry), **PRESETS["paper"]), "preset paper (random start)")]
+        paper = run(fused(starry, preset="paper"), **PRESETS["paper"])
+        panels += [panel(paper, "preset paper (random start)")]
         row(panels, out / "control_optimiser.jpg")
     print(f"done in {time.monotonic() - start:.0f} s")
 

@@ -16,10 +16,9 @@ the level's plan was given and counted: ``free_mb`` (the memory free, as the pla
     PYTHONPATH=. python benchmarks/highres.py                     # the table in BENCHMARKS.md
     PYTHONPATH=. python benchmarks/highres.py --cases 2048:auto=3:history=5 2048:whole
 
-A case is SIZE:whole (evaluated whole), SIZE:tile=PX (tiles of at most PX px) or SIZE:auto=GB (what
-``memory.plan_level`` picks in a process that may hold GB in all: on a CPU it is told GB less what the process
-holds when the level is planned, torch itself included, as the system's count of free memory would leave out what
-is resident; SIZE:auto: ``--memory-gb``), each with an optional :history=N
+A case is SIZE:whole (evaluated whole), SIZE:tile=PX (tiles of at most PX px) or SIZE:auto=GB (the run with
+``Settings(max_memory=GB)``, the CLI's ``--max-memory GB``: what ``memory.plan_level`` picks for a process that may
+hold GB in all, torch itself included; SIZE:auto: ``--memory-gb``), each with an optional :history=N
 (default 20), :split=LAYER (the deep layers whole after that pooling layer; none: every layer in tiles;
 default: the plan's choice) and :float32 (mixed precision off: the network in float32 on a CPU with bfloat16
 instructions too, as on one without them).
@@ -73,9 +72,9 @@ def run_case(
 
     from fusion_core import Cancelled, GlobalStyle, LocalStyle, Settings, load_image, load_vgg
     from fusion_core import memory as memory_module
+    from fusion_core.allocator import freed_memory_returned
     from fusion_core.images import resize
     from fusion_core.losses import PatchLoss
-    from fusion_core.matching import MATCHERS
     from fusion_core.stylize import stylize
 
     size_text, mode, *options = case.split(":")
@@ -93,24 +92,14 @@ def run_case(
             raise SystemExit(f"unknown option {option!r} in case {case!r}")
     if split is not None:  # this split (a pooling layer) or none: every layer in tiles
         memory_module.split_candidates = lambda vgg, layers: [] if split == "none" else [split]
-    tile = 0
+    tile, budget = 0, 0.0
     if mode.startswith("tile="):
         tile = int(mode[5:])
     elif mode == "whole":
-        memory_module.available_bytes = lambda device: 1 << 50  # never tiled
+        memory_module.available_bytes = lambda device, max_memory=0.0: 1 << 50  # never tiled
     elif mode == "auto" or mode.startswith("auto="):
         memory_gb = float(mode[5:]) if mode.startswith("auto=") else memory_gb
-        if memory_gb is not None:
-            # What a machine with GB for this process would report free: GB less what the process holds (torch
-            # itself, the network, the images), as the system's figure that ``memory.available_bytes`` reads on a
-            # CPU leaves out what is resident (after it trims the heaps). On a GPU, the cap below does that.
-            def simulated(device, available_bytes=memory_module.available_bytes) -> int:
-                if device.type != "cpu":
-                    return int(memory_gb * 2**30)
-                available_bytes(device)  # trims the heaps, as it would
-                return int(memory_gb * 2**30) - _resident_bytes()
-
-            memory_module.available_bytes = simulated
+        budget = memory_gb or 0.0  # Settings.max_memory: all the process may hold, torch itself counted on a CPU
     else:
         raise SystemExit(f"unknown mode {mode!r} in case {case!r}")
     import fusion_core.stylize as stylize_module
@@ -120,7 +109,7 @@ def run_case(
     plan_level = memory_module.plan_level
 
     def recording_plan_level(vgg, shape, styles, settings):
-        available = memory_module.available_bytes(vgg.device)
+        available = memory_module.available_bytes(vgg.device, settings.max_memory)
         planned.append(plan_level(vgg, shape, styles, settings, available))
         plan["free_mb"] = None if available is None or available >= 1 << 49 else round(available / 2**20)
         plan["estimate_mb"] = round(memory_module.plan_bytes(vgg, shape, styles, settings, planned[-1]) / 2**20)
@@ -128,7 +117,7 @@ def run_case(
 
     stylize_module.plan_level = recording_plan_level
     device = torch.device(device_name)
-    if device.type == "cuda" and memory_gb is not None and mode != "whole":
+    if device.type == "cuda" and budget > 0:
         # A card of that size: the allocator refuses more, so cuDNN takes algorithms whose workspace fits (on a
         # large card it takes gigabytes of workspace because they are free), and a plan that did not fit fails.
         total = torch.cuda.get_device_properties(device).total_memory
@@ -137,7 +126,9 @@ def run_case(
     content, style = load_image(CONTENT).to(device), load_image(STYLE).to(device)
     content = resize(content, _fit(content.shape[-2:], size))
     style = resize(style, _fit(style.shape[-2:], size))
-    settings = Settings(size=size, levels=1, iterations=100, tile=tile, history_size=history, mixed_precision=mixed)
+    settings = Settings(
+        size=size, levels=1, iterations=100, tile=tile, history_size=history, mixed_precision=mixed, max_memory=budget
+    )
     marks: list[float] = []
 
     def on_level(level, criterion, canvas) -> None:
@@ -148,12 +139,12 @@ def run_case(
         # to the style patch at the same relative place, and the candidate pool to its neighbours.
         for _, _, module in criterion.terms:
             if isinstance(module, PatchLoss):
-                search = MATCHERS[module.matcher](module.style, module.patch_size, module.stride, module.style_eligible)
+                search = module.searcher()
                 s_rows, s_cols = search.grid
                 q_rows, q_cols = canvas.shape[-2] // 4 - 2, canvas.shape[-1] // 4 - 2
                 rows = torch.arange(q_rows)[:, None] * s_rows // q_rows
                 cols = torch.arange(q_cols)[None, :] * s_cols // q_cols
-                module.indices = (rows * s_cols + cols).flatten().to(device)
+                module.set_matches((rows * s_cols + cols).flatten().to(device))
                 pool = [
                     (rows + dy).clamp(0, s_rows - 1) * s_cols + (cols + dx).clamp(0, s_cols - 1)
                     for dy in (-2, 2)
@@ -162,7 +153,7 @@ def run_case(
                 ]
                 pool += [(rows * s_cols + (cols + dx).clamp(0, s_cols - 1)) for dx in (-2, 2)]
                 search.pool = torch.stack([p.flatten() for p in pool], 1).to(device)
-                module._search, search.matches = search, 1
+                search.matches = 1
                 plan["search"], plan["canvas"] = search, tuple(canvas.shape[-2:])
         marks.append(_clock(device))
 
@@ -185,6 +176,7 @@ def run_case(
             on_progress=on_progress,
             on_level=on_level,
             should_stop=should_stop,
+            tiled_level=freed_memory_returned,  # as the CLI does
         )
     if device.type == "cuda":  # the GPU's own peak: what torch allocated there (the host's is not the limit)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -210,15 +202,6 @@ def run_case(
         result["full_search_s"] = round(steps[2] - propagation, 1)
         result["schedule_s"] = round(sum(steps[:3]) / 3, 2)
     return result
-
-
-def _resident_bytes() -> int:
-    """The process's resident memory now (Linux), else 0."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return 0
 
 
 def _clock(device) -> float:

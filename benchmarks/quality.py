@@ -60,6 +60,7 @@ import metrics  # noqa: E402
 from compare import font, from_pil, source_digest  # noqa: E402
 
 from fusion_core import GlobalStyle, LocalStyle, load_image, load_vgg  # noqa: E402
+from fusion_core.choices import term_weight  # noqa: E402
 from fusion_core.config import GLOBAL_LAYERS, PRESETS, Settings, preset  # noqa: E402
 from fusion_core.geometry import fit_longest  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
@@ -288,8 +289,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="per level (default: the library's)")
     parser.add_argument("--pairs", nargs="+", default=None, help=f"pairs to run (default all: {', '.join(pairs())})")
     parser.add_argument("--group", choices=["anchor", "shared", "motif", "unseen"], action="append", default=None)
-    parser.add_argument("--global-weight", type=float, default=GlobalStyle.__dataclass_fields__["weight"].default)
-    parser.add_argument("--local-weight", type=float, default=LocalStyle.__dataclass_fields__["weight"].default)
+    parser.add_argument("--global-weight", type=float, help="a1 (default: the preset's)")
+    parser.add_argument("--local-weight", type=float, help="a2 (default: the preset's)")
     parser.add_argument("--gatys", action="store_true", help="also render and measure the plain Gatys run per pair")
     parser.add_argument("--gatys-iterations", type=int, default=GATYS_ITERATIONS)
     parser.add_argument(
@@ -319,6 +320,8 @@ def main() -> None:
         if isinstance(changes[name], list):
             changes[name] = tuple(changes[name])
     settings = preset(args.preset, **changes)
+    args.global_weight = term_weight(args.preset, "global", args.global_weight)
+    args.local_weight = term_weight(args.preset, "local", args.local_weight)
     out = Path(args.out)
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ def _activation_elements(
     first = 0 if after is None else vgg.names.index(after) + 1
     names = vgg.names[: max(vgg.names.index(n) for n in layers) + 1]
     h, w = shape if after is None else feature_shape(shape, after)
-    channels = 3 if after is None else _channels(vgg, after)
+    channels = 3 if after is None else vgg.channels(after)
     whole = signs = returned = 0
     largest = channels * h * w
     conv = vgg.convs_before(first)
@@ -164,7 +164,7 @@ def tiled_bytes(
         _, _, returned, largest = _activation_elements(vgg, style_crop, layers)
         setting_up = max(setting_up, (2 * largest + returned) * _FLOAT)
         if isinstance(style, LocalStyle):
-            channels, (h, w) = _channels(vgg, style.layer), feature_shape(size, style.layer)
+            channels, (h, w) = vgg.channels(style.layer), feature_shape(size, style.layer)
             queries = math.prod(feature_shape(shape, style.layer))
             # the style map, its projection (64 values per patch) and squared norms, the matches and candidates
             searches += (channels + 64 + 4) * h * w * _FLOAT + queries * (2 + 9) * 8
@@ -173,7 +173,7 @@ def tiled_bytes(
         return whole + searches + max(one_tile, setting_up)
     # the split layer's map of the whole image and its gradient, held from the deep pass through the tiles' passes;
     # during the deep pass, the first pass's recorded tile too
-    deep_map = 2 * _channels(vgg, split) * math.prod(feature_shape(shape, split)) * pass_bytes
+    deep_map = 2 * vgg.channels(split) * math.prod(feature_shape(shape, split)) * pass_bytes
     deep = _pass_bytes(vgg, shape, layers - head, local_layers - head, half, pass_bytes, after=split)
     recorded = kept_bytes(vgg, crop, head, half)
     return whole + searches + max(deep_map + max(one_tile, recorded + deep), setting_up)
@@ -198,10 +198,6 @@ def _pass_bytes(
         + 3 * local * _FLOAT  # the targets and differences on the content and patch layers
         + DEFAULT_MAX_SCORES * _FLOAT
     )
-
-
-def _channels(vgg: VGGFeatures, layer: str) -> int:
-    return vgg.convs[vgg.convs_before(vgg.names.index(layer) + 1) - 1].out_channels
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,10 @@ class VGGFeatures(nn.Module):
                 if tensor.is_inference():
                     module.register_buffer(name, tensor.clone())
 
+    def channels(self, layer: str) -> int:
+        """The number of channels of ``layer``'s map (that of the last convolution up to it)."""
+        return self.convs[self.convs_before(self.names.index(layer) + 1) - 1].out_channels
+
     def check_layers(self, layers: Iterable[str]) -> None:
         unknown = [name for name in layers if name not in self.names]
         if unknown:

@@ -146,3 +146,11 @@ def test_max_of_four_gives_torch_max_pooling_values_exactly(layout, dtype):
     assert torch.equal(ours.isnan(), torchs.isnan()) and ours.isnan().sum() == 1
     assert torch.equal(ours.nan_to_num(), torchs.nan_to_num())
     assert ours.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg19"])
+def test_a_layers_channels_are_those_of_its_map(arch):
+    vgg = tiny_vgg(arch, width=4)
+    layers = [name for name in vgg.names if not name.startswith("conv")]
+    maps = vgg(smooth_image(64, 64, seed=1), layers)
+    assert {name: vgg.channels(name) for name in layers} == {name: maps[name].shape[1] for name in layers}
