@@ -25,9 +25,12 @@ from .config import (
     defaults,
 )
 from .errors import Cancelled, FusionError
+from .flow import FLOW_NAMES, flow_estimator
 from .images import check_output_path, load_image, save_image
+from .media import ClipWriter, Frames, is_clip, read_clip
 from .precision import best_device
 from .stylize import stylize
+from .video import LATER_ITERATIONS, TEMPORAL_WEIGHT, VideoSettings, stylize_frames
 from .weights import load_vgg
 
 _DEFAULTS = defaults(Settings)
@@ -39,9 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusion-style",
         description="Neural style transfer fusing a global (Gram) and a local (MRF patch) style loss.",
     )
-    p.add_argument("--content", required=True, help="content image file")
+    p.add_argument(
+        "--content", required=True, help="content image file; or a clip: a video file, or a folder of frames (by name)"
+    )
     p.add_argument("--style", required=True, action="append", help="style image file (repeat for several styles)")
-    p.add_argument("--out", required=True, help="output image file (.png, .jpg, ...)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output image file (.png, .jpg, ...); for a clip a video file (.mp4, .mkv, .mov, .webm) or a folder",
+    )
     p.add_argument(
         "--weights",
         default="vgg19",
@@ -160,6 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
         "in less memory; docs/large_prints.md). "
         "0 (default): tiles only where a level would not fit in the memory available",
     )
+    video = p.add_argument_group("clips (--content a video file or a folder of frames)")
+    video.add_argument(
+        "--temporal-weight",
+        type=float,
+        default=TEMPORAL_WEIGHT,
+        help=f"weight of the temporal term holding each frame to the previous one warped into it (default "
+        f"{TEMPORAL_WEIGHT:g}; 0: the warped start only)",
+    )
+    video.add_argument(
+        "--independent-frames", action="store_true", help="every frame on its own, as a still (the baseline)"
+    )
+    video.add_argument(
+        "--later-iters",
+        type=int,
+        default=LATER_ITERATIONS,
+        help=f"iterations of each frame after the first, at the output size only (default {LATER_ITERATIONS})",
+    )
+    video.add_argument(
+        "--flow", default="auto", choices=["auto", *FLOW_NAMES], help="optical flow: OpenCV's DIS or RAFT"
+    )
+    video.add_argument("--raft-weights", help="torchvision raft_large weights (.safetensors or .pth) for --flow raft")
     p.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -233,14 +263,49 @@ def _saver(path: str, every: int, report: Callable[[Progress], None]) -> Callabl
     return on_progress
 
 
+def _stylize_clip(
+    args: argparse.Namespace,
+    vgg,
+    frames: Frames,
+    styles: list[GlobalStyle | LocalStyle],
+    settings: Settings,
+    device: torch.device,
+) -> None:
+    """The frames of ``--content`` in order, each written to ``--out`` as soon as it is made."""
+    video = VideoSettings(
+        temporal_weight=args.temporal_weight, later_iterations=args.later_iters, independent=args.independent_frames
+    )
+    video.validate()
+    flow = None
+    if not video.independent and len(frames) > 1:
+        flow = flow_estimator(args.flow, raft_weights=args.raft_weights, device=str(device))
+    writer = ClipWriter(args.out, frames.fps)
+    report = _progress_printer(args.quiet)
+
+    def on_progress(index: int, count: int, p: Progress) -> None:
+        if not args.quiet and p.iteration == 1 and p.level == 1:
+            print(f"frame {index + 1}/{count}", file=sys.stderr, flush=True)
+        report(p)
+
+    try:
+        for image in stylize_frames(vgg, frames, styles, settings, video, flow=flow, on_progress=on_progress):
+            writer.write(image)
+    finally:
+        writer.close()  # after a cancel too: the frames made so far are kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_output_path(args.out)
+        clip = is_clip(args.content)
+        if not clip:
+            check_output_path(args.out)
+        elif args.save_every:
+            raise FusionError("save-every: not available for clips (each frame is written when it is done)")
         if args.save_every < 0:
             raise FusionError(f"save-every: expected a number of iterations >= 0, got {args.save_every}")
         device = pick_device(args.device)
-        content = load_image(args.content, "content")
+        content = read_clip(args.content) if clip else load_image(args.content, "content")
         styles = style_terms(args)
         # Settings flags have no default here: a flag given is the user's choice and wins over the preset, a flag left
         # out leaves the field to the preset (and the preset to the defaults)
@@ -272,10 +337,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             models_dirs=args.models_dir,
             progress=_download_printer(args.quiet),
         ).to(device)
-        on_progress = _saver(args.out, args.save_every, _progress_printer(args.quiet))
-        # the command line owns its process: levels in tiles may change its allocator's setting (allocator.py)
-        image = stylize(vgg, content, styles, settings, on_progress=on_progress, tiled_level=freed_memory_returned)
-        save_image(image, args.out)
+        if clip:
+            _stylize_clip(args, vgg, content, styles, settings, device)
+        else:
+            on_progress = _saver(args.out, args.save_every, _progress_printer(args.quiet))
+            # the command line owns its process: levels in tiles may change its allocator's setting (allocator.py)
+            image = stylize(vgg, content, styles, settings, on_progress=on_progress, tiled_level=freed_memory_returned)
+            save_image(image, args.out)
     except FusionError as error:
         print(f"fusion-style: error: {error}", file=sys.stderr)
         return 2

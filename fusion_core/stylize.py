@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -35,6 +36,37 @@ from .vgg import VGGFeatures, loss_layers
 LevelHook = Callable[[int, Criterion, Tensor], None]
 
 
+class PixelTerm(Protocol):
+    """A loss on the output's pixels added to a level's (``temporal.TemporalTerm``)."""
+
+    def add_to(self, image: Tensor, grad: Tensor) -> Tensor:
+        """Adds the term's gradient at ``image`` to ``grad``; returns its weighted value."""
+        ...
+
+
+class _WithPixelTerm:
+    """A level's evaluation with a ``PixelTerm`` on the output's pixels (the canvas less its mirrored margin),
+    reported as "temporal" and added to the total."""
+
+    def __init__(self, evaluator: Criterion | TiledCriterion, term: PixelTerm, margin: int) -> None:
+        self.evaluator, self.term, self.margin = evaluator, term, margin
+        self.gradient_scale = evaluator.gradient_scale
+
+    @property
+    def full_search(self) -> bool:
+        return self.evaluator.full_search
+
+    def evaluate(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
+        values = dict(self.evaluator.evaluate(image, rematch=rematch))
+        m, (h, w) = self.margin, image.shape[-2:]
+        inner = (..., slice(m, h - m), slice(m, w - m))
+        with torch.no_grad():
+            value = self.term.add_to(image.detach()[inner], image.grad[inner])
+        values["total"] = values["total"] + value
+        values["temporal"] = value
+        return values
+
+
 def stylize(
     vgg: VGGFeatures,
     content: Tensor,
@@ -45,6 +77,8 @@ def stylize(
     should_stop: Callable[[], bool] | None = None,
     on_level: LevelHook | None = None,
     tiled_level: Callable[[torch.device], AbstractContextManager] | None = None,
+    init_image: Tensor | None = None,
+    pixel_term: PixelTerm | None = None,
 ) -> Tensor:
     """Stylise ``content`` (1, 3, H, W, RGB 0..1) with the given style terms; returns the image in 0..1.
 
@@ -55,6 +89,10 @@ def stylize(
     ``allocator.freed_memory_returned``, which changes a process-wide allocator setting: none by default).
     Works inside ``torch.inference_mode()`` / ``no_grad`` (it re-enables autograd for itself). Leaves the process
     as it found it: the TF32 switches it sets on CUDA are set back (precision.full_float32).
+
+    ``init_image`` (1, 3, h, w, any size) replaces the start ``settings.init`` gives (a video frame's: the previous
+    stylised frame warped into it); ``pixel_term`` adds a loss on the output's pixels at every level (a
+    ``temporal.TemporalTerm``).
     """
     settings = settings or Settings()
     # what stays float32 is computed in float32 on CUDA too, whatever the host set (precision.py)
@@ -67,7 +105,10 @@ def stylize(
         _plan(vgg, with_margin(shapes[-1], border_margin(shapes[-1])), styles, settings)  # refused before any work
         content = content.to(vgg.device)
         target, styles = _apply_colour_mode(content, styles, settings.color)
-        start = starting_image(target, styles, settings.init)
+        if init_image is None:
+            start = starting_image(target, styles, settings.init)
+        else:
+            start = check_image("init_image", init_image).to(vgg.device)
         image = None
         for level, shape in enumerate(shapes):
             margin = border_margin(shape)
@@ -96,6 +137,8 @@ def stylize(
                 history = min(plan.history, max(1, iterations - 1))
                 split = plan.split if tiles > 1 else None
                 report = _reporter(on_progress, settings, level, margin, tiles, history, split)
+                if pixel_term is not None:
+                    evaluator = _WithPixelTerm(evaluator, pixel_term, margin)
                 optimised = _optimise(evaluator, canvas, settings, iterations, history, report, should_stop)
                 image = _inner(optimised, margin)
         image = image.clamp(0, 1)

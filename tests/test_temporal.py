@@ -1,0 +1,246 @@
+"""Frames in order (issue 29, first part): warping against exactly shifted images, the reliability mask against a
+synthetic occluder whose uncovered pixels are known, the temporal term's gradient against finite differences, the
+sequence driver against the still path, its errors, cancel, and the flow estimators' plumbing."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from helpers import smooth_image, tiny_vgg
+from safetensors.torch import save_file
+
+from fusion_core import Cancelled, FusionError, GlobalStyle, LocalStyle, Settings
+from fusion_core import stylize as stylize_module
+from fusion_core import video as video_module
+from fusion_core.flow import DISFlow, RaftFlow, flow_estimator
+from fusion_core.temporal import TemporalTerm, reliability, temporal_gradient, temporal_loss, warp
+from fusion_core.video import VideoSettings, stylize_frames
+
+HAS_CV2 = importlib.util.find_spec("cv2") is not None
+
+
+def constant_flow(dx: float, dy: float, h: int, w: int) -> torch.Tensor:
+    flow = torch.zeros(1, 2, h, w)
+    flow[:, 0], flow[:, 1] = dx, dy
+    return flow
+
+
+def test_warp_by_a_whole_pixel_translation_is_the_shifted_image():
+    image = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    warped = warp(image, constant_flow(3, -2, 20, 24))
+    # out(y, x) = image(y - 2, x + 3) wherever that lies inside the image
+    torch.testing.assert_close(warped[..., 2:, :-3], image[..., :-2, 3:], rtol=0, atol=1e-5)
+
+
+def test_warp_along_an_affine_flow_samples_a_linear_image_exactly():
+    h, w = 30, 40
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    image = torch.stack([0.01 * xs + 0.02 * ys, 0.5 - 0.01 * ys, 0.003 * xs * 1.0])[None]  # linear per channel
+    # a small rotation and scale about the centre: every sample point stays inside the image
+    u = 0.05 * (xs - w / 2) - 0.04 * (ys - h / 2)
+    v = 0.04 * (xs - w / 2) + 0.05 * (ys - h / 2)
+    warped = warp(image, torch.stack([u, v])[None])
+    x, y = xs + u, ys + v
+    expected = torch.stack([0.01 * x + 0.02 * y, 0.5 - 0.01 * y, 0.003 * x])[None]  # bilinear is exact on a plane
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)  # outside, the border is sampled instead
+    assert inside.float().mean() > 0.8
+    torch.testing.assert_close(warped[..., inside], expected[..., inside], rtol=0, atol=1e-9)
+
+
+def test_the_reliability_mask_is_zero_exactly_where_a_moving_square_uncovers_the_background():
+    # Frame t-1: a square at columns 10..19, rows 8..17 of a still background; frame t: the square 4 px to the
+    # right. The pixels it uncovers (columns 10..13 of those rows) are not in frame t-1 (the square hid them).
+    h, w, d = 28, 36, 4
+    rows = slice(8, 18)
+    backward = torch.zeros(1, 2, h, w)  # frame t -> t-1
+    backward[0, 0, rows, 10 + d : 20 + d] = -d
+    forward = torch.zeros(1, 2, h, w)  # frame t-1 -> t
+    forward[0, 0, rows, 10:20] = d
+    mask = reliability(backward, forward)[0, 0]
+    assert (mask[rows, 10 : 10 + d] == 0).all()  # uncovered: occluded in t-1
+    assert (mask[10:16, 10 + d + 2 : 20 + d - 2] == 1).all()  # the square's inside, away from its edges
+    background = torch.ones(h, w, dtype=torch.bool)
+    background[6:20, 8:26] = False  # the square, the strip and their edges with a margin
+    assert (mask[background] == 1).all()
+    # the motion boundary: the square's edges in frame t
+    assert (mask[rows, 10 + d] == 0).all() and (mask[rows, 19 + d] == 0).all()
+    assert (mask[8, 10 + d : 20 + d] == 0).all() and (mask[17, 10 + d : 20 + d] == 0).all()
+
+
+def test_the_temporal_terms_gradient_is_the_finite_difference():
+    generator = torch.Generator().manual_seed(1)
+    image, warped = torch.rand(1, 3, 6, 7, generator=generator, dtype=torch.float64), torch.rand(1, 3, 6, 7).double()
+    mask = (torch.rand(1, 1, 6, 7, generator=generator) > 0.3).double()
+    grad = temporal_gradient(image, warped, mask)
+    step = 1e-6
+    for index in [(0, 0, 0, 0), (0, 1, 3, 4), (0, 2, 5, 6), (0, 1, 2, 2)]:
+        plus, minus = image.clone(), image.clone()
+        plus[index] += step
+        minus[index] -= step
+        numeric = (temporal_loss(plus, warped, mask) - temporal_loss(minus, warped, mask)) / (2 * step)
+        assert float(grad[index]) == pytest.approx(float(numeric), rel=1e-6, abs=1e-12)
+    # and autograd agrees everywhere
+    x = image.clone().requires_grad_(True)
+    temporal_loss(x, warped, mask).backward()
+    torch.testing.assert_close(x.grad, grad)
+
+
+def test_the_temporal_term_adds_its_weighted_gradient_and_refuses_a_negative_weight():
+    image, warped = smooth_image(10, 12, seed=1), smooth_image(10, 12, seed=2)
+    mask = torch.ones(1, 1, 10, 12)
+    grad = torch.zeros_like(image)
+    value = TemporalTerm(warped, mask, 3.0).add_to(image, grad)
+    torch.testing.assert_close(grad, 3.0 * temporal_gradient(image, warped, mask))
+    assert float(value) == pytest.approx(3.0 * float(temporal_loss(image, warped, mask)))
+    with pytest.raises(FusionError, match="temporal_weight: expected a number >= 0"):
+        TemporalTerm(warped, mask, -1.0)
+
+
+FAST = dict(size=64, levels=2, iterations=3, final_iterations=0)
+
+
+@pytest.fixture
+def clip():
+    vgg = tiny_vgg()
+    style = smooth_image(48, 48, seed=9)
+    frames = [smooth_image(30, 40, seed=s) for s in (1, 2, 3)]
+    return vgg, [GlobalStyle(style), LocalStyle(style)], frames
+
+
+def still_flow(first, second):  # a stand-in estimator: nothing moves
+    return torch.zeros(1, 2, *first.shape[-2:])
+
+
+def test_independent_frames_are_the_still_path_frame_by_frame(clip):
+    vgg, styles, frames = clip
+    settings = Settings(**FAST)
+    results = list(stylize_frames(vgg, frames, styles, settings, VideoSettings(independent=True)))
+    for frame, result in zip(frames, results, strict=True):
+        assert torch.equal(result, stylize_module.stylize(vgg, frame, styles, settings))
+
+
+def test_a_one_frame_clip_in_temporal_mode_is_the_still(clip):
+    vgg, styles, frames = clip
+    settings = Settings(**FAST)
+    (result,) = stylize_frames(vgg, frames[:1], styles, settings, flow=still_flow)
+    assert torch.equal(result, stylize_module.stylize(vgg, frames[0], styles, settings))
+
+
+def test_a_later_frame_starts_from_the_warped_previous_result_and_is_held_there(clip, monkeypatch):
+    vgg, styles, frames = clip
+    calls = []
+    original = video_module.stylize
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(video_module, "stylize", recording)
+    moved = lambda first, second: constant_flow(1.0, 0.0, *first.shape[-2:])  # noqa: E731
+    video = VideoSettings(temporal_weight=50.0, later_iterations=2)
+    results = list(stylize_frames(vgg, frames, styles, Settings(**FAST), video, flow=moved))
+    assert "init_image" not in calls[0]  # the first frame: the still path
+    for i in (1, 2):
+        torch.testing.assert_close(calls[i]["init_image"], warp(results[i - 1], constant_flow(1.0, 0, 48, 64)))
+        assert calls[i]["pixel_term"].weight == 50.0
+    # weight 0: the warped start only
+    calls.clear()
+    list(stylize_frames(vgg, frames[:2], styles, Settings(**FAST), VideoSettings(temporal_weight=0), flow=moved))
+    assert calls[1]["pixel_term"] is None and calls[1]["init_image"] is not None
+
+
+def test_the_temporal_term_keeps_a_later_frame_closer_to_the_warped_previous_one(clip):
+    vgg, styles, frames = clip
+    settings = Settings(**FAST)
+    distances = []
+    for weight in (0.0, 1e4):
+        first, second = stylize_frames(
+            vgg,
+            frames[:2],
+            styles,
+            settings,
+            VideoSettings(temporal_weight=weight, later_iterations=6),
+            flow=still_flow,
+        )
+        distances.append(float((second - first).square().mean()))
+    assert distances[1] < 0.5 * distances[0]
+
+
+def test_bad_clips_are_refused_naming_the_input(clip):
+    vgg, styles, frames = clip
+    with pytest.raises(FusionError, match=r"frames\[1\]: every frame must have the first frame's size 40x30 px"):
+        list(stylize_frames(vgg, [frames[0], smooth_image(32, 40, seed=4)], styles, flow=still_flow))
+    with pytest.raises(FusionError, match="frames: expected at least one frame"):
+        list(stylize_frames(vgg, [], styles, flow=still_flow))
+    with pytest.raises(FusionError, match="flow: temporal mode needs an optical flow estimator"):
+        list(stylize_frames(vgg, frames, styles))
+    with pytest.raises(FusionError, match="later_iterations"):
+        list(stylize_frames(vgg, frames, styles, video=VideoSettings(later_iterations=0), flow=still_flow))
+
+
+def test_cancel_in_the_middle_keeps_the_frames_already_made(clip):
+    vgg, styles, frames = clip
+    settings = Settings(**FAST)
+    seen, made = [], []
+    stop = lambda: len(seen) > 0 and seen[-1][0] == 1  # noqa: E731 - once the second frame has begun
+    with pytest.raises(Cancelled):
+        for image in stylize_frames(
+            vgg,
+            frames,
+            styles,
+            settings,
+            flow=still_flow,
+            on_progress=lambda i, n, p: seen.append((i, n)),
+            should_stop=stop,
+        ):
+            made.append(image)
+    assert len(made) == 1 and torch.equal(made[0], stylize_module.stylize(vgg, frames[0], styles, settings))
+    assert seen[0] == (0, 3)
+
+
+@pytest.mark.skipif(not HAS_CV2, reason="OpenCV (opencv-python-headless) is not installed: DIS flow not tested")
+def test_dis_flow_finds_a_translation():
+    image = smooth_image(96, 128, seed=3)
+    shifted = torch.roll(image, shifts=(0, 3), dims=(2, 3))  # content moves 3 px to the right
+    flow = DISFlow()(image, shifted)
+    assert flow.shape == (1, 2, 96, 128)
+    inner = flow[..., 16:-16, 16:-16]
+    assert abs(float(inner[:, 0].median()) - 3) < 0.5 and abs(float(inner[:, 1].median())) < 0.5
+
+
+def test_without_opencv_dis_says_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_cv2(name, *args, **kwargs):
+        if name == "cv2":
+            raise ImportError("no cv2")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cv2)
+    with pytest.raises(FusionError, match="pip install opencv-python-headless"):
+        DISFlow()
+    with pytest.raises(FusionError, match="install OpenCV .* or give torchvision RAFT's raft_large weights"):
+        flow_estimator("auto")
+
+
+def test_raft_plumbing_with_random_weights(tmp_path):
+    # The real raft_large weights cannot be downloaded here: random ones test the loading, the padding to a multiple
+    # of 8 px and the shape of what comes back, not the flow's quality.
+    from torchvision.models.optical_flow import raft_large
+
+    torch.manual_seed(0)
+    path = tmp_path / "raft.safetensors"
+    save_file({k: v.contiguous() for k, v in raft_large(weights=None).state_dict().items()}, str(path))
+    estimator = flow_estimator("raft", raft_weights=path)
+    assert isinstance(estimator, RaftFlow)
+    flow = estimator(smooth_image(60, 70, seed=1), smooth_image(60, 70, seed=2))
+    assert flow.shape == (1, 2, 60, 70) and torch.isfinite(flow).all()
+    with pytest.raises(FusionError, match="weights file not found"):
+        flow_estimator("raft", raft_weights=tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(FusionError, match="is not a raft_large state dict"):
+        flow_estimator("raft", raft_weights=tmp_path / "other.safetensors")
