@@ -7,6 +7,7 @@ from . import comfy
 from .loader import FusionStyleLoadVGG
 from .losses import FusionStyleGlobalStyleLoss, FusionStyleLocalPatchLoss
 from .optimize import FusionStyleFusedOptimize
+from .temporal import FusionStyleTemporalConsistency
 
 comfy.register_models_folder()  # models/vgg; a no-op outside ComfyUI
 
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "FusionStyleGlobalStyleLoss": FusionStyleGlobalStyleLoss,
     "FusionStyleLocalPatchLoss": FusionStyleLocalPatchLoss,
     "FusionStyleFusedOptimize": FusionStyleFusedOptimize,
+    "FusionStyleTemporalConsistency": FusionStyleTemporalConsistency,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -22,4 +24,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FusionStyleGlobalStyleLoss": "Global Style Loss (Gram)",
     "FusionStyleLocalPatchLoss": "Local Patch Loss (MRF)",
     "FusionStyleFusedOptimize": "Fused Style Optimize",
+    "FusionStyleTemporalConsistency": "Temporal Consistency (video)",
 }

@@ -15,12 +15,15 @@ from ..fusion_core.config import (
     defaults,
 )
 from ..fusion_core.errors import Cancelled, FusionError
+from ..fusion_core.flow import flow_estimator
 from ..fusion_core.images import to_pil
 from ..fusion_core.memory import run_bytes
 from ..fusion_core.stylize import stylize
 from ..fusion_core.vgg import loss_layers
+from ..fusion_core.video import stylize_frames
 from . import comfy
 from .common import CATEGORY, LAYERS, PACK_ALIASES, STYLE_LOSSES
+from .temporal import TEMPORAL, Temporal
 from .tensors import join_images, split_images
 
 _DEFAULTS = defaults(Settings)
@@ -259,6 +262,13 @@ class FusionStyleFusedOptimize:
                         "eyes into a landscape's sky or water; 1 at the photo alone. The preset 'paper' sets 0.",
                     },
                 ),
+                "temporal": (
+                    TEMPORAL,
+                    {
+                        "tooltip": "For video, from Temporal Consistency: the content batch is a clip's frames, "
+                        "stylised in order, each from the previous result moved along the optical flow."
+                    },
+                ),
             },
         }
 
@@ -287,6 +297,7 @@ class FusionStyleFusedOptimize:
         final_iterations=None,
         max_memory_gb=None,
         match_content=None,
+        temporal=None,
     ):
         inputs = dict(
             content_weight=content_weight,
@@ -315,6 +326,8 @@ class FusionStyleFusedOptimize:
         check_layers(vgg, style_losses, settings)  # before any work: name the widget that asks for a missing layer
         contents = split_images("content_image", content_image)
         steps = settings.total_steps()
+        if temporal is not None:
+            return (self._clip(vgg, contents, style_losses, settings, temporal, content_image),)
         update = comfy.progress_bar(steps * len(contents))
         device = comfy.torch_device()
         comfy.free_memory(_needed_bytes(vgg, content_image, style_losses, settings), device)
@@ -346,6 +359,53 @@ class FusionStyleFusedOptimize:
                 vgg.to(comfy.offload_device())
             comfy.soft_empty_cache()
         return (join_images(results),)
+
+    def _clip(self, vgg, frames, style_losses, settings: Settings, temporal: Temporal, content_image):
+        """The content batch as a clip, stylised in order (fusion_core.video): the progress bar counts every
+        frame's iterations, the preview shows the frame being made."""
+        video = temporal.video
+        first = video.later_iterations if temporal.previous is not None and not video.independent else None
+        counts = [
+            settings.total_steps() if (i == 0 and first is None) or video.independent else video.later_iterations
+            for i in range(len(frames))
+        ]
+        starts = [sum(counts[:i]) for i in range(len(frames))]
+        update = comfy.progress_bar(sum(counts))
+        device = comfy.torch_device()
+        comfy.free_memory(_needed_bytes(vgg, content_image, style_losses, settings), device)
+        flow = None
+        needs_flow = not video.independent and (len(frames) > 1 or temporal.previous is not None)
+        if needs_flow:
+            flow = flow_estimator(temporal.flow, device=str(device))
+
+        def on_progress(index: int, count: int, p) -> None:
+            if p.iteration == 1 and p.level == 1:
+                comfy.log(f"Fused Style Optimize: frame {index + 1}/{count}")
+            update(starts[index] + p.step, None if p.image is None else to_pil(p.image))
+
+        results = []
+        try:
+            with torch.inference_mode(False):
+                vgg.to(device)
+            for image in stylize_frames(
+                vgg,
+                frames,
+                style_losses,
+                settings,
+                video,
+                flow=flow,
+                previous=temporal.previous,
+                on_progress=on_progress,
+                should_stop=comfy.should_stop,
+            ):
+                results.append(image)
+        except Cancelled as error:
+            comfy.raise_interrupted(error)
+        finally:
+            with torch.inference_mode(False):
+                vgg.to(comfy.offload_device())
+            comfy.soft_empty_cache()
+        return join_images(results)
 
 
 def check_layers(vgg, style_losses, settings: Settings) -> None:

@@ -1,0 +1,229 @@
+"""Temporal consistency of stylised clips: independent frames against the temporal mode (fusion_core/video.py).
+
+    PYTHONPATH=. python benchmarks/video.py --frames 30 --size 256                 # the synthetic clip, both modes
+    PYTHONPATH=. python benchmarks/video.py --weights-sweep 0 50 200 1000          # temporal weights on it
+    PYTHONPATH=. python benchmarks/video.py --frames 120 --modes temporal          # drift over a long clip
+
+The synthetic clip has an exact flow and exact occlusions: a camera pan over a photo (the frame is a window moving
+by a known sub-pixel step over a larger picture) with a second picture moving across it the other way. Per mode:
+the warping error (Lai et al. 2018: the mean over consecutive pairs of the occlusion-masked mean squared difference
+between a frame and the previous one warped into it, RGB in 0..1), with the *exact* flow and occlusions here (the
+method's own flow is DIS, or RAFT: never the judge), the input clip's own warping error (the floor), per frame the
+style SWD, content distance and palette distance (benchmarks/metrics.py) and sharpness (mean gradient magnitude),
+their means and the first ten frames' against the last ten's, and seconds per frame. Frames and a temporal slice
+(one image row over time) are written to ``--out`` to look at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import metrics  # noqa: E402
+
+from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
+from fusion_core.flow import flow_estimator  # noqa: E402
+from fusion_core.geometry import fit_longest  # noqa: E402
+from fusion_core.images import resize, to_pil  # noqa: E402
+from fusion_core.media import read_clip  # noqa: E402
+from fusion_core.temporal import reliability, warp  # noqa: E402
+from fusion_core.video import LATER_ITERATIONS, TEMPORAL_WEIGHT, VideoSettings, stylize_frames  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+PAIRS = ROOT / "benchmarks" / "pairs"
+
+
+def synthetic_clip(
+    background: torch.Tensor, mover: torch.Tensor, frames: int, shape: tuple[int, int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Frames of ``shape`` panning over ``background`` (0.7 px right, 0.4 px down per frame) with ``mover`` (a
+    third of the frame's height) sliding left across them at 2.3 px per frame; for each frame after the first its
+    exact backward flow (to the frame before) and where the frame before shows the same point (1) or the mover
+    hid or revealed it (0)."""
+    h, w = shape
+    pan, slide = torch.tensor([0.7, 0.4]), torch.tensor([-2.3, 0.0])
+    big = resize(background, (h + int(frames * 0.4) + 8, w + int(frames * 0.7) + 8))
+    side = h // 3
+    patch = resize(mover, (side, side))
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    clip, flows, masks = [], [], []
+    for t in range(frames):
+        offset = 2 + t * pan  # the window's top-left corner in the big picture (x, y)
+        frame = warp(big, offset.view(1, 2, 1, 1).expand(1, 2, *big.shape[-2:]))[..., :h, :w]
+        corner = torch.tensor([w - side - 4, h // 3]) + t * slide  # the mover's top-left corner (x, y)
+        inside = _inside(xs, ys, corner, side)
+        moved = F.grid_sample(
+            patch,
+            torch.stack([2 * (xs - corner[0]) / (side - 1) - 1, 2 * (ys - corner[1]) / (side - 1) - 1], -1)[None],
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=True,
+        )
+        frame = torch.where(inside, moved, frame)
+        clip.append(frame.clamp(0, 1))
+        if t > 0:
+            flow = torch.where(inside, -slide[:, None, None], pan[:, None, None].expand(2, h, w))[None]
+            before_corner = corner - slide
+            # where the point was in the frame before, and what the frame before showed there
+            bx, by = xs + flow[0, 0], ys + flow[0, 1]
+            was_inside = _inside(bx, by, before_corner, side)
+            same = inside == was_inside  # mover on mover, background on background
+            on_frame = (bx >= 0) & (bx <= w - 1) & (by >= 0) & (by <= h - 1)
+            flows.append(flow)
+            masks.append((same & on_frame).float()[None, None])
+    return clip, flows, masks
+
+
+def _inside(xs: torch.Tensor, ys: torch.Tensor, corner: torch.Tensor, side: int) -> torch.Tensor:
+    return (xs >= corner[0]) & (xs <= corner[0] + side - 1) & (ys >= corner[1]) & (ys <= corner[1] + side - 1)
+
+
+def farneback_flows(clip: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The judge's flows for a real clip: OpenCV's Farneback (not the method's DIS or RAFT), on the input frames,
+    each frame's backward flow and its forward-backward reliability mask (temporal.reliability)."""
+    import cv2
+
+    def grey(frame: torch.Tensor):
+        return (frame[0].mean(0) * 255).round().to(torch.uint8).numpy()
+
+    def farneback(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        flow = cv2.calcOpticalFlowFarneback(grey(a), grey(b), None, 0.5, 4, 15, 5, 5, 1.1, 0)
+        return torch.from_numpy(flow).permute(2, 0, 1)[None]
+
+    flows, masks = [], []
+    for t in range(1, len(clip)):
+        backward, forward = farneback(clip[t], clip[t - 1]), farneback(clip[t - 1], clip[t])
+        flows.append(backward)
+        masks.append(reliability(backward, forward))
+    return flows, masks
+
+
+def read_frames(path: str, count: int, shape: tuple[int, int]) -> list[torch.Tensor]:
+    """The first ``count`` frames of a video file, each resized to fit ``shape``'s longest side."""
+    clip = read_clip(path)
+    frames = [clip[i] for i in range(min(count, len(clip)))]
+    size = fit_longest(*frames[0].shape[-2:], max(shape))
+    return [resize(frame, size) for frame in frames]
+
+
+def warping_error(clip: list[torch.Tensor], flows: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
+    """Lai et al.'s warping error: the mean over consecutive pairs of the masked mean of (O_t - warp(O_t-1))^2."""
+    errors = []
+    for t in range(1, len(clip)):
+        flow = flows[t - 1]
+        shape = tuple(clip[t].shape[-2:])
+        if tuple(flow.shape[-2:]) != shape:  # the output's size: the flow scaled with it
+            scale = torch.tensor([shape[1] / flow.shape[-1], shape[0] / flow.shape[-2]]).view(1, 2, 1, 1)
+            flow = F.interpolate(flow, size=shape, mode="bilinear", align_corners=False) * scale
+        mask = F.interpolate(masks[t - 1], size=shape, mode="nearest")
+        difference = (clip[t] - warp(clip[t - 1], flow)).square().mean(1, keepdim=True)
+        errors.append(float((mask * difference).sum() / mask.sum().clamp_min(1)))
+    return sum(errors) / len(errors)
+
+
+def sharpness(image: torch.Tensor) -> float:
+    dx = image[..., :, 1:] - image[..., :, :-1]
+    dy = image[..., 1:, :] - image[..., :-1, :]
+    return float(dx.abs().mean() + dy.abs().mean())
+
+
+def temporal_slice(clip: list[torch.Tensor], row: float = 0.5) -> torch.Tensor:
+    """One image row over time: frame t's row ``row`` (a fraction of the height) as row t of a picture."""
+    y = int(row * (clip[0].shape[-2] - 1))
+    return torch.cat([frame[..., y : y + 1, :] for frame in clip], dim=-2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=str(SHARED / "models" / "vgg16_hed_caffe_fp16.safetensors"))
+    parser.add_argument("--background", default=str(PAIRS / "lake_sunset_boats.jpg"))
+    parser.add_argument("--mover", default=str(ROOT / "example_images" / "chelsea.png"))
+    parser.add_argument("--style", default=str(ROOT / "example_images" / "starry_night.jpg"))
+    parser.add_argument("--frames", type=int, default=30)
+    parser.add_argument("--clip", help="a real clip (video file) instead of the synthetic one, judged with Farneback")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--modes", nargs="+", default=["independent", "temporal"])
+    parser.add_argument("--temporal-weight", type=float, default=TEMPORAL_WEIGHT)
+    parser.add_argument("--later-iters", type=int, default=LATER_ITERATIONS)
+    parser.add_argument("--weights-sweep", type=float, nargs="*", default=[], help="temporal mode at these weights")
+    parser.add_argument("--flow", default="auto", help="the method's flow (the judge uses the exact one)")
+    parser.add_argument("--out", default="/tmp/fusion_style_video")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    vgg = load_vgg(args.weights)
+    style = load_image(args.style)
+    shape = fit_longest(144, 256, args.size)
+    if args.clip:
+        clip = read_frames(args.clip, args.frames, shape)
+        flows, masks = farneback_flows(clip)
+    else:
+        clip, flows, masks = synthetic_clip(load_image(args.background), load_image(args.mover), args.frames, shape)
+    settings = Settings(size=args.size)
+    terms = [GlobalStyle(style), LocalStyle(style)]
+    flow = flow_estimator(args.flow)
+    runs = [(mode, args.temporal_weight) for mode in args.modes]
+    runs += [("temporal", weight) for weight in args.weights_sweep]
+    results = {
+        "clip": args.clip or "synthetic",
+        "input_warping_error": warping_error(clip, flows, masks),
+        "frames": len(clip),
+        "size": args.size,
+    }
+    print(f"input clip's own warping error (the floor): {results['input_warping_error']:.5f}", flush=True)
+    to_pil(temporal_slice(clip)).save(out / "slice_input.png")
+    for mode, weight in runs:
+        video = VideoSettings(temporal_weight=weight, later_iterations=args.later_iters, independent=mode != "temporal")
+        made, seconds = [], []
+        start = time.perf_counter()
+        for image in stylize_frames(vgg, clip, terms, settings, video, flow=flow):
+            made.append(image)
+            seconds.append(time.perf_counter() - start)
+            start = time.perf_counter()
+        name = mode if mode != "temporal" else f"temporal_w{weight:g}"
+        per_frame = []
+        for frame, image in zip(clip, made, strict=True):
+            small = resize(image, fit_longest(*image.shape[-2:], 256))
+            numbers = metrics.evaluate(vgg, small, frame, style)
+            per_frame.append(
+                {
+                    "style_swd": float(numbers["style_swd"]),
+                    "content_dist": float(numbers["content_dist"]),
+                    "palette_dist": float(numbers["palette_dist"]),
+                    "sharpness": sharpness(image),
+                }
+            )
+
+        def mean(key: str, part: list[dict]) -> float:
+            return sum(p[key] for p in part) / len(part)
+
+        record = {
+            "warping_error": warping_error(made, flows, masks),
+            "first_frame_s": seconds[0],
+            "later_frame_s": sum(seconds[1:]) / max(1, len(seconds) - 1),
+            **{key: mean(key, per_frame) for key in per_frame[0]},
+            "first_ten": {key: mean(key, per_frame[:10]) for key in per_frame[0]},
+            "last_ten": {key: mean(key, per_frame[-10:]) for key in per_frame[0]},
+        }
+        results[name] = record
+        to_pil(temporal_slice(made)).save(out / f"slice_{name}.png")
+        for i in (0, len(made) // 2, len(made) - 1):
+            to_pil(made[i]).save(out / f"{name}_{i:03d}.png")
+        print(name, json.dumps({k: v for k, v in record.items()}, default=lambda x: round(x, 4)), flush=True)
+    (out / "video_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
