@@ -383,7 +383,9 @@ def main() -> None:
         crops = crop_corners(vgg, ours, content, style, motifs)
         record["crops"] = crops
         sheet(images, out / f"quality_{name}.jpg", crops)
-        if args.docs and pair["group"] != "anchor":
+        # the anchors' images are evaluation data: no sheet that shows one goes into the repository
+        from_anchors = any(SHARED / "anchors" in pair[key].parents for key in ("content", "style"))
+        if args.docs and pair["group"] != "anchor" and not from_anchors:
             sheet(images, ROOT / "docs" / f"quality_{name}.jpg", crops)
 
         lines = [

@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/video.py --frames 30 --size 256                 # the synthetic clip, both modes
     PYTHONPATH=. python benchmarks/video.py --weights-sweep 0 50 200 1000          # temporal weights on it
     PYTHONPATH=. python benchmarks/video.py --frames 120 --modes temporal          # drift over a long clip
+    PYTHONPATH=. python benchmarks/video.py --write-example example_images/pan_clip.mp4   # the workflows' clip
 
 The synthetic clip has an exact flow and exact occlusions: a camera pan over a photo (the frame is a window moving
 by a known sub-pixel step over a larger picture) with a second picture moving across it the other way. Per mode:
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,7 +37,7 @@ from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg 
 from fusion_core.flow import flow_estimator  # noqa: E402
 from fusion_core.geometry import fit_longest  # noqa: E402
 from fusion_core.images import resize, to_pil  # noqa: E402
-from fusion_core.media import read_clip  # noqa: E402
+from fusion_core.media import ClipWriter, read_clip  # noqa: E402
 from fusion_core.temporal import reliability, warp  # noqa: E402
 from fusion_core.video import LATER_ITERATIONS, TEMPORAL_WEIGHT, VideoSettings, stylize_frames  # noqa: E402
 
@@ -143,6 +145,35 @@ def temporal_slice(clip: list[torch.Tensor], row: float = 0.5) -> torch.Tensor:
     return torch.cat([frame[..., y : y + 1, :] for frame in clip], dim=-2)
 
 
+def side_by_side(photos: list[torch.Tensor], independent: list[torch.Tensor], temporal: list[torch.Tensor], out: Path):
+    """A GIF of the input, the independent frames and the temporal ones side by side (docs/video_side_by_side.gif),
+    and their temporal slices stacked (docs/video_slices.png), each titled."""
+    titles = ("input", "independent frames", "temporal")
+
+    def panel(image: torch.Tensor, title: str) -> Image.Image:
+        picture = to_pil(image)
+        canvas = Image.new("RGB", (picture.width, picture.height + 16), "white")
+        canvas.paste(picture, (0, 16))
+        ImageDraw.Draw(canvas).text((3, 2), title, fill="black")
+        return canvas
+
+    def row(images: list[torch.Tensor]) -> Image.Image:
+        panels = [panel(image, title) for image, title in zip(images, titles, strict=True)]
+        strip = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), panels[0].height), "white")
+        for i, p in enumerate(panels):
+            strip.paste(p, (i * (p.width + 4), 0))
+        return strip
+
+    frames = [
+        row([resize(a, tuple(b.shape[-2:])), b, c]) for a, b, c in zip(photos, independent, temporal, strict=True)
+    ]
+    frames = [frame.quantize(colors=128, method=Image.Quantize.MEDIANCUT) for frame in frames]
+    frames[0].save(out / "video_side_by_side.gif", save_all=True, append_images=frames[1:], duration=83, loop=0)
+    slices = [temporal_slice([resize(p, tuple(independent[0].shape[-2:])) for p in photos])]
+    slices += [temporal_slice(independent), temporal_slice(temporal)]
+    row([image.repeat_interleave(4, dim=-2) for image in slices]).save(out / "video_slices.png")  # 4 px per frame
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=str(SHARED / "models" / "vgg16_hed_caffe_fp16.safetensors"))
@@ -158,7 +189,24 @@ def main() -> None:
     parser.add_argument("--weights-sweep", type=float, nargs="*", default=[], help="temporal mode at these weights")
     parser.add_argument("--flow", default="auto", help="the method's flow (the judge uses the exact one)")
     parser.add_argument("--out", default="/tmp/fusion_style_video")
+    parser.add_argument(
+        "--write-example",
+        metavar="PATH",
+        help="only write the example clip (24 frames at 12 fps: a pan over grace_hopper.jpg with chelsea.png moving "
+        "across, 256 px) to PATH and stop",
+    )
     args = parser.parse_args()
+    if args.write_example:
+        examples = ROOT / "example_images"
+        clip, _, _ = synthetic_clip(
+            load_image(examples / "grace_hopper.jpg"), load_image(examples / "chelsea.png"), 24, (192, 256)
+        )
+        writer = ClipWriter(args.write_example, fps=12)
+        for frame in clip:
+            writer.write(frame)
+        writer.close()
+        print(f"wrote {args.write_example}")
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -183,6 +231,7 @@ def main() -> None:
     }
     print(f"input clip's own warping error (the floor): {results['input_warping_error']:.5f}", flush=True)
     to_pil(temporal_slice(clip)).save(out / "slice_input.png")
+    clips: dict[str, list[torch.Tensor]] = {}
     for mode, weight in runs:
         video = VideoSettings(temporal_weight=weight, later_iterations=args.later_iters, independent=mode != "temporal")
         made, seconds = [], []
@@ -221,6 +270,10 @@ def main() -> None:
         for i in (0, len(made) // 2, len(made) - 1):
             to_pil(made[i]).save(out / f"{name}_{i:03d}.png")
         print(name, json.dumps({k: v for k, v in record.items()}, default=lambda x: round(x, 4)), flush=True)
+        clips[name] = made
+    if "independent" in clips and len(clips) > 1:
+        temporal_name = next(name for name in clips if name != "independent")
+        side_by_side(clip, clips["independent"], clips[temporal_name], out)
     (out / "video_results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -278,7 +278,10 @@ def _stylize_clip(
     video.validate()
     flow = None
     if not video.independent and len(frames) > 1:
-        flow = flow_estimator(args.flow, raft_weights=args.raft_weights, device=str(device))
+        dirs = args.models_dir or ()
+        flow = flow_estimator(
+            args.flow, raft_weights=args.raft_weights, models_dirs=dirs, download=True, device=str(device)
+        )
     writer = ClipWriter(args.out, frames.fps)
     report = _progress_printer(args.quiet)
 

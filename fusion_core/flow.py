@@ -5,12 +5,14 @@ second, (1, 2, H, W) in pixels: for each pixel x of the first frame, where it is
 horizontal displacement, 1 the vertical). Two are offered, each imported only when used:
 
 - ``DISFlow``: OpenCV's DIS optical flow (``pip install opencv-python-headless``); no download, fast on a CPU.
-- ``RaftFlow``: torchvision's RAFT (``raft_large``), on the frames' device; its weights are a file the caller
-  names (``.safetensors``, or ``.pth`` read with ``weights_only=True``), never fetched at import.
+- ``RaftFlow``: torchvision's RAFT (``raft_large``), on the frames' device; its weights are a file
+  (``.safetensors``, or ``.pth`` read with ``weights_only=True``), fetched once from torchvision's server when asked
+  (``weights.find_raft``), never at import.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .errors import FusionError
+from .weights import find_raft
 
 FLOW_NAMES = ("dis", "raft")
 RAFT_MIN_SIDE = 128  # RAFT's correlation pyramid needs feature maps of 16 positions (at 1/8 of the frame)
@@ -78,26 +81,40 @@ class RaftFlow:
         return flow[..., :h, :w].to(first.device)
 
 
-def flow_estimator(name: str, *, raft_weights: str | Path | None = None, device: str = "cpu") -> FlowEstimator:
-    """The estimator called ``name``: "dis", "raft" (with ``raft_weights``), or "auto": DIS where OpenCV imports,
-    else RAFT where weights are given; a FusionError says what to install otherwise."""
+def flow_estimator(
+    name: str,
+    *,
+    raft_weights: str | Path | None = None,
+    models_dirs: Sequence[str | Path] = (),
+    download: bool = False,
+    device: str = "cpu",
+) -> FlowEstimator:
+    """The estimator called ``name``: "dis", "raft" or "auto" (DIS where OpenCV imports, else RAFT). RAFT's weights:
+    ``raft_weights``, else ``raft_large.safetensors`` in ``models_dirs`` (``weights.find_raft``), downloaded from
+    torchvision's server when ``download``; a FusionError says what to install or fetch otherwise."""
+    if name not in ("auto", *FLOW_NAMES):
+        raise FusionError(f"flow: {name!r} is not one of auto, {', '.join(FLOW_NAMES)}")
     if name == "dis":
         return DISFlow()
-    if name == "raft":
-        if raft_weights is None:
-            raise FusionError("flow 'raft': give the raft_large weights file (.safetensors or .pth)")
-        return RaftFlow(raft_weights, device)
-    if name != "auto":
-        raise FusionError(f"flow: {name!r} is not one of auto, {', '.join(FLOW_NAMES)}")
+    if name == "auto":
+        try:
+            return DISFlow()
+        except FusionError:
+            if raft_weights is None and not download and not _has_raft(models_dirs):
+                raise FusionError(
+                    "flow: no optical flow available: install OpenCV (pip install opencv-python-headless) for DIS "
+                    "flow, or give torchvision RAFT's raft_large weights"
+                ) from None
+    path = raft_weights if raft_weights is not None else find_raft(models_dirs, download=download)
+    return RaftFlow(path, device)
+
+
+def _has_raft(models_dirs: Sequence[str | Path]) -> bool:
     try:
-        return DISFlow()
+        find_raft(models_dirs, download=False)
     except FusionError:
-        if raft_weights is not None:
-            return RaftFlow(raft_weights, device)
-        raise FusionError(
-            "flow: no optical flow available: install OpenCV (pip install opencv-python-headless) for DIS flow, "
-            "or give torchvision RAFT's raft_large weights"
-        ) from None
+        return False
+    return True
 
 
 def _import_cv2():

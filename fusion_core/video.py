@@ -3,7 +3,8 @@ into it and held there by the temporal term where the flow can be trusted (tempo
 
 The first frame gets the full coarse-to-fine optimisation. A later frame is optimised at the output size only,
 from the warped previous result, for ``VideoSettings.later_iterations``: the warped start is already most of the
-way there. ``independent=True`` stylises every frame on its own, as a still (the baseline to compare with).
+way there; a frame whose photo equals the one before (a held frame) keeps the previous result as it is.
+``independent=True`` stylises every frame on its own, as a still (the baseline to compare with).
 
 Frames stay where the caller keeps them (host memory); the device holds one frame's work and the two flows it
 needs at a time. ``stylize_frames`` yields each result as soon as it is made, on the CPU, so a caller can write it
@@ -99,6 +100,13 @@ def stylize_frames(
     for i, frame in enumerate(frames):
         report = None if on_progress is None else (lambda p, i=i: on_progress(i, count, p))
         photo = frame.to(vgg.device)
+        here_cpu = resize(frame, output).cpu()
+        if not video.independent and last_photo is not None and torch.equal(here_cpu, last_photo):
+            # the same photo as the frame before (a held frame): the same picture, not one optimised further
+            if on_progress is not None:
+                on_progress(i, count, _held_progress(video))
+            yield last.clone()
+            continue
         if video.independent or last is None:
             image = stylize(vgg, photo, styles, settings, on_progress=report, should_stop=should_stop)
         else:
@@ -115,8 +123,14 @@ def stylize_frames(
                 init_image=warped,
                 pixel_term=term,
             )
-        last, last_photo = image.cpu(), resize(frame, output).cpu()
+        last, last_photo = image.cpu(), here_cpu
         yield last
+
+
+def _held_progress(video: VideoSettings) -> Progress:
+    """The report of a held frame: its iterations counted as done at once."""
+    n = video.later_iterations
+    return Progress(level=1, levels=1, iteration=n, iterations=n, step=n, steps=n)
 
 
 def _warped_previous(flow: FlowEstimator, last: Tensor, last_photo: Tensor, photo: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,6 +30,11 @@ VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 VGG19_SHA256 = "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44"
 VGG19_FILENAME = "vgg19.safetensors"  # the features-only copy kept after download
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+# torchvision's RAFT (raft_large, C+T+S+K+H, v2) for the optical flow of clips (flow.py); torchvision checks its
+# downloads by the SHA-256 prefix in the file name, and so do we
+RAFT_URL = "https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth"
+RAFT_SHA256_PREFIX = "ff5fadd5"
+RAFT_FILENAME = "raft_large.safetensors"
 
 DownloadProgress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
 
@@ -213,6 +218,51 @@ def download_vgg19(
         Path(tmp_name).unlink(missing_ok=True)
 
 
+def find_raft(
+    models_dirs: Iterable[str | os.PathLike] = (), *, download: bool = True, progress: DownloadProgress | None = None
+) -> Path:
+    """torchvision's RAFT (raft_large) weights for the optical flow (flow.py): ``raft_large.safetensors`` (or the
+    checkpoint) in the first of ``models_dirs`` that has it, else downloaded into the first, verified and converted
+    (``download_raft``)."""
+    dirs = [Path(d).expanduser() for d in models_dirs] or [default_models_dir()]
+    for folder in dirs:
+        for name in (RAFT_FILENAME, Path(RAFT_URL).name):
+            if (folder / name).is_file():
+                return folder / name
+    if not download:
+        raise FusionError(f"flow 'raft': weights not found; put {RAFT_FILENAME} or {Path(RAFT_URL).name} in {dirs[0]}")
+    return download_raft(dirs[0], progress=progress)
+
+
+def download_raft(
+    folder: str | os.PathLike,
+    *,
+    url: str = RAFT_URL,
+    sha256_prefix: str = RAFT_SHA256_PREFIX,
+    progress: DownloadProgress | None = None,
+) -> Path:
+    """Download torchvision's raft_large checkpoint, check it as torchvision does (the SHA-256 starts with the
+    hash in the file's name), read it as tensors only and keep it as ``raft_large.safetensors``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".raft-download-", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _stream(url, out, progress, folder, RAFT_FILENAME)
+        if not digest.startswith(sha256_prefix.lower()):
+            raise FusionError(
+                f"flow 'raft': the download from {url} has SHA-256 {digest}, expected one starting {sha256_prefix}; "
+                "the file was deleted"
+            )
+        state, _ = _read_pth_for_conversion(Path(tmp_name))
+        target = folder / RAFT_FILENAME
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_safetensors_atomic(tensors, target, {"arch": "raft_large", "source": url})
+        return target
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
 def _read_pth_for_conversion(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     # read_state_dict dispatches on the suffix; the temporary file has none it knows.
     link = path.with_suffix(".pth")
@@ -223,7 +273,9 @@ def _read_pth_for_conversion(path: Path) -> tuple[dict[str, Tensor], dict[str, s
         os.replace(link, path)
 
 
-def _stream(url: str, out, progress: DownloadProgress | None, folder: Path, chunk: int = 1 << 20) -> str:
+def _stream(
+    url: str, out, progress: DownloadProgress | None, folder: Path, kept: str = VGG19_FILENAME, chunk: int = 1 << 20
+) -> str:
     """Copy ``url`` into ``out``; return the SHA-256 hex digest of what was written."""
     digest = hashlib.sha256()
     try:
@@ -242,7 +294,7 @@ def _stream(url: str, out, progress: DownloadProgress | None, folder: Path, chun
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         raise FusionError(
             f"weights: could not download {url} ({error}). Without network access, download it elsewhere and put it "
-            f"(or a converted {VGG19_FILENAME}) in {folder}"
+            f"(or a converted {kept}) in {folder}"
         ) from None
     return digest.hexdigest()
 

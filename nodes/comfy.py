@@ -156,6 +156,8 @@ def models_dirs() -> list[str]:
     fp = _module("folder_paths")
     if fp is None:
         return [str(fallback_models_dir or default_models_dir())]
+    if MODELS_FOLDER not in fp.folder_names_and_paths:  # the pack was loaded without its __init__ registering it
+        register_models_folder()
     return fp.get_folder_paths(MODELS_FOLDER)
 
 

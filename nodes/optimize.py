@@ -376,7 +376,7 @@ class FusionStyleFusedOptimize:
         flow = None
         needs_flow = not video.independent and (len(frames) > 1 or temporal.previous is not None)
         if needs_flow:
-            flow = flow_estimator(temporal.flow, device=str(device))
+            flow = flow_estimator(temporal.flow, models_dirs=comfy.models_dirs(), download=True, device=str(device))
 
         def on_progress(index: int, count: int, p) -> None:
             if p.iteration == 1 and p.level == 1:

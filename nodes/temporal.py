@@ -70,7 +70,8 @@ class FusionStyleTemporalConsistency:
                     {
                         "default": "auto",
                         "tooltip": "Optical flow: 'dis' (OpenCV's DIS; needs opencv-python-headless), 'raft' "
-                        "(torchvision's RAFT; needs its weights), 'auto': DIS where OpenCV is installed.",
+                        "(torchvision's RAFT: raft_large.safetensors in models/vgg, else downloaded once, 21 MB), "
+                        "'auto': DIS where OpenCV is installed, else RAFT.",
                     },
                 ),
                 "independent_frames": (

@@ -244,3 +244,41 @@ def test_raft_plumbing_with_random_weights(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(FusionError, match="is not a raft_large state dict"):
         flow_estimator("raft", raft_weights=tmp_path / "other.safetensors")
+
+
+def test_raft_weights_are_fetched_once_checked_and_kept_as_safetensors(tmp_path):
+    import hashlib
+
+    from torchvision.models.optical_flow import raft_large
+
+    from fusion_core.weights import RAFT_FILENAME, download_raft, find_raft
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "served" / "raft.pth"
+    checkpoint.parent.mkdir()
+    torch.save(raft_large(weights=None).state_dict(), checkpoint)
+    prefix = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:8]
+    models = tmp_path / "models"
+    with pytest.raises(FusionError, match="expected one starting 00000000; the file was deleted"):
+        download_raft(models, url=checkpoint.as_uri(), sha256_prefix="00000000")
+    assert list(models.iterdir()) == []  # nothing that looks like a model is left
+    path = download_raft(models, url=checkpoint.as_uri(), sha256_prefix=prefix)
+    assert path == models / RAFT_FILENAME and find_raft([models], download=False) == path
+    flow = flow_estimator("raft", models_dirs=[models])(smooth_image(40, 48, seed=1), smooth_image(40, 48, seed=2))
+    assert flow.shape == (1, 2, 40, 48)
+    with pytest.raises(FusionError, match="flow 'raft': weights not found; put raft_large.safetensors"):
+        find_raft([tmp_path / "empty"], download=False)
+
+
+def test_a_clip_of_identical_frames_gives_identical_outputs_in_temporal_mode(clip):
+    vgg, styles, frames = clip
+    settings = Settings(**FAST)
+    held = [frames[0], frames[0].clone(), frames[0].clone(), frames[1]]
+    reports = []
+    results = list(
+        stylize_frames(vgg, held, styles, settings, flow=still_flow, on_progress=lambda i, n, p: reports.append(i))
+    )
+    assert torch.equal(results[0], stylize_module.stylize(vgg, frames[0], styles, settings))
+    assert torch.equal(results[1], results[0]) and torch.equal(results[2], results[0])
+    assert not torch.equal(results[3], results[0])  # a new photo: optimised again
+    assert sorted(set(reports)) == [0, 1, 2, 3]  # the held frames are reported too (a progress bar counts them)

@@ -16,6 +16,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 EXAMPLES = ROOT / "example_images"
 
 IMAGE_FILE = "IMAGE_FILE"  # a combo of the files in ComfyUI/input: here, the pack's example_images/
+VIDEO_FILE = "VIDEO_FILE"  # likewise, for Load Video
 UPLOAD = {"image_upload": True}
 # The core nodes the workflows use, as ComfyUI 0.3.64 declares them (nodes.py): INPUT_TYPES, RETURN_TYPES.
 CORE_NODES = {
@@ -26,6 +27,30 @@ CORE_NODES = {
     ),
     "InvertMask": ({"required": {"mask": ("MASK", {})}}, ("MASK",)),
     "SaveImage": ({"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}, ()),
+    # comfy_extras/nodes_video.py (V3 schemas): Load Video -> Get Video Components; Create Video -> Save Video
+    "LoadVideo": ({"required": {"file": (VIDEO_FILE, {"video_upload": True})}}, ("VIDEO",)),
+    "GetVideoComponents": ({"required": {"video": ("VIDEO", {})}}, ("IMAGE", "AUDIO", "FLOAT")),
+    "CreateVideo": (
+        {
+            "required": {
+                "images": ("IMAGE", {}),
+                "fps": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0, "step": 1.0}),
+            },
+            "optional": {"audio": ("AUDIO", {})},
+        },
+        ("VIDEO",),
+    ),
+    "SaveVideo": (
+        {
+            "required": {
+                "video": ("VIDEO", {}),
+                "filename_prefix": ("STRING", {"default": "video/ComfyUI"}),
+                "format": (["auto", "mp4"], {"default": "auto"}),
+                "codec": (["auto", "h264"], {"default": "auto"}),
+            }
+        },
+        (),
+    ),
     "ImageScaleBy": (
         {
             "required": {
@@ -38,7 +63,7 @@ CORE_NODES = {
     ),
 }
 NOTE_NODES = {"Note", "MarkdownNote"}  # frontend-only: one text widget, never sent to the server
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", IMAGE_FILE)
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", IMAGE_FILE, VIDEO_FILE)
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")  # the frontend's control_after_generate widget
 
 
@@ -72,14 +97,14 @@ def widget_layout(kind: str) -> list[tuple[str, object, dict]]:
             layout.append((name, input_type, options))
             if input_type == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
                 layout.append((f"{name}: control_after_generate", CONTROL_VALUES, {}))
-            upload = upload or options.get("image_upload", False)
+            upload = upload or options.get("image_upload", False) or options.get("video_upload", False)
         if section == "required" and upload:
             layout.append(("upload", ["image"], {}))
     return layout
 
 
 def check_value(where: str, value, input_type, options: dict) -> None:
-    if input_type == IMAGE_FILE:
+    if input_type in (IMAGE_FILE, VIDEO_FILE):
         assert isinstance(value, str) and (EXAMPLES / value).is_file(), f"{where}: {value!r} is not in example_images/"
     elif isinstance(input_type, (list, tuple)):
         assert value in input_type, f"{where}: {value!r} is not one of {input_type}"
@@ -116,6 +141,7 @@ def test_templates_are_numbered_simplest_first():
         "3_masked",
         "4_two_styles_regions",
         "5_upscale",
+        "7_video",
         "fusion_print_2048",
     ]
 
@@ -138,7 +164,7 @@ def test_node_types_exist(workflow):
     kinds = {node["type"] for node in workflow["nodes"]}
     unknown = kinds - set(fusion_style.NODE_CLASS_MAPPINGS) - set(CORE_NODES) - NOTE_NODES
     assert not unknown, f"unknown node types {unknown}"
-    assert {"FusionStyleLoadVGG", "FusionStyleFusedOptimize", "SaveImage"} <= kinds
+    assert {"FusionStyleLoadVGG", "FusionStyleFusedOptimize"} <= kinds and kinds & {"SaveImage", "SaveVideo"}
 
 
 def test_links_connect_matching_types(workflow):
@@ -182,7 +208,7 @@ def test_a_note_says_what_goes_where(workflow):
     text = note["widgets_values"][0]
     assert "ComfyUI/models/vgg" in text and "ComfyUI/input" in text
     for node in workflow["nodes"]:
-        if node["type"] in ("LoadImage", "LoadImageMask"):
+        if node["type"] in ("LoadImage", "LoadImageMask", "LoadVideo"):
             assert node["widgets_values"][0] in text, f"the note does not name {node['widgets_values'][0]}"
 
 
