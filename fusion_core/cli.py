@@ -27,7 +27,7 @@ from .config import (
 from .errors import Cancelled, FusionError
 from .flow import FLOW_NAMES, flow_estimator
 from .images import check_output_path, load_image, save_image
-from .media import ClipWriter, Frames, is_clip, read_clip
+from .media import ClipWriter, Frames, check_clip_output, is_clip, read_clip
 from .precision import best_device
 from .stylize import stylize
 from .video import LATER_ITERATIONS, TEMPORAL_WEIGHT, VideoSettings, stylize_frames
@@ -305,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_output_path(args.out)
         elif args.save_every:
             raise FusionError("save-every: not available for clips (each frame is written when it is done)")
+        else:
+            check_clip_output(args.out)
         if args.save_every < 0:
             raise FusionError(f"save-every: expected a number of iterations >= 0, got {args.save_every}")
         device = pick_device(args.device)

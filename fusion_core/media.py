@@ -82,20 +82,11 @@ class ClipWriter:
     the frames made so far are kept)."""
 
     def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS) -> None:
-        self.path, self.fps, self.count = Path(path), fps, 0
+        self.path, self.fps, self.count = check_clip_output(path), fps, 0
         self._container = self._stream = self._av = None
-        if self.path.suffix.lower() in VIDEO_SUFFIXES:
-            if not self.path.parent.is_dir():
-                raise FusionError(f"out: folder does not exist: {self.path.parent}")
-            if self.path.suffix.lower() == ".gif":
-                raise FusionError("out: write a clip as .mp4, .mov, .mkv, .webm or a folder, not .gif")
+        if self.path.suffix:
             self._av = _import_av("out")
             self._temporary = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
-        elif self.path.suffix:
-            raise FusionError(
-                f"out: for a clip give a folder (frames as numbered PNGs) or a video file "
-                f"({', '.join(s for s in VIDEO_SUFFIXES if s != '.gif')}), not {self.path.name}"
-            )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
 
@@ -125,6 +116,23 @@ class ClipWriter:
         self._container.close()
         self._container = None
         os.replace(self._temporary, self.path)
+
+
+def check_clip_output(path: str | os.PathLike) -> Path:
+    """Refuse a clip's output we could not write, before any work: a folder (made if missing) or a video file in an
+    existing folder, with PyAV at hand."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES and suffix != ".gif":
+        if not path.parent.is_dir():
+            raise FusionError(f"out: folder does not exist: {path.parent}")
+        _import_av("out")
+    elif suffix:
+        raise FusionError(
+            f"out: for a clip give a folder (frames as numbered PNGs) or a video file "
+            f"({', '.join(s for s in VIDEO_SUFFIXES if s != '.gif')}), not {path.name}"
+        )
+    return path
 
 
 def _as_u8(image: Tensor) -> Tensor:
