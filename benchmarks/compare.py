@@ -5,7 +5,7 @@ iteration budget, with numbers under each picture (benchmarks/metrics.py: style 
 patch distance P, lower = more of the style's local detail; content distance, lower = closer to the content; SSIM of
 luminance, higher = closer to the content; palette distance, pixels only, lower = closer to the painting's colours).
 Every other setting is the library's default (or the paper's own set-up with --preset paper). For one pair,
-the a2 sweep 1e-1 ... 1e-6 with a1 = a3 = 20 (the paper's Figure 8), beside a2 = 0 (global only).
+the a2 sweep 1e-1 ... 1e-6 at the defaults' a1 and a3 (the paper's Figure 8), beside a2 = 0 (global only).
 
 Writes docs/compare_<pair>.jpg, docs/sweep_<pair>.jpg and docs/compare_results.json, and prints markdown tables.
 Renders are cached (PNG + JSON per render, keyed by the settings and the fusion_core source) so an interrupted run
@@ -330,7 +330,8 @@ def main() -> None:
         tiles = [tile(img, box, f"a2 = {a2:g}", caption(r)) for a2, img, r in sweep]
         tiles.append(tile(global_image, box, "a2 = 0 (global only)", caption(global_record)))
         strip(tiles, out / f"sweep_{pair}.jpg", args.quality)
-        lines = [f"**a2 sweep** on {pair} ({content_name} + {style_name}), a1 = a3 = {A1:g}", ""]
+        a3 = settings.content_weight
+        lines = [f"**a2 sweep** on {pair} ({content_name} + {style_name}), a1 = {A1:g}, a3 = {a3:g}", ""]
         lines += [HEADER.format("a2"), RULE]
         lines += [row(f"{a2:g}", r) for a2, _, r in sweep] + [row("0 (global only)", global_record)]
         tables.append("\n".join(lines))
