@@ -100,8 +100,8 @@ def stylize_frames(
     for i, frame in enumerate(frames):
         report = None if on_progress is None else (lambda p, i=i: on_progress(i, count, p))
         photo = frame.to(vgg.device)
-        here_cpu = resize(frame, output).cpu()
-        if not video.independent and last_photo is not None and torch.equal(here_cpu, last_photo):
+        here = resize(photo, output)  # the photo at the output size: the flow's and the next frame's
+        if not video.independent and last_photo is not None and torch.equal(here.cpu(), last_photo):
             # the same photo as the frame before (a held frame): the same picture, not one optimised further
             if on_progress is not None:
                 on_progress(i, count, _held_progress(video))
@@ -110,7 +110,6 @@ def stylize_frames(
         if video.independent or last is None:
             image = stylize(vgg, photo, styles, settings, on_progress=report, should_stop=should_stop)
         else:
-            here = resize(photo, output)
             warped, mask = _warped_previous(flow, last.to(vgg.device), last_photo.to(vgg.device), here)
             term = TemporalTerm(warped, mask, video.temporal_weight) if video.temporal_weight > 0 else None
             image = stylize(
@@ -123,7 +122,7 @@ def stylize_frames(
                 init_image=warped,
                 pixel_term=term,
             )
-        last, last_photo = image.cpu(), here_cpu
+        last, last_photo = image.cpu(), here.cpu()
         yield last
 
 

@@ -15,7 +15,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -176,14 +177,22 @@ def find_weights(
         if not path.is_file():
             raise FusionError(f"weights: file not found: {path} (give a .safetensors/.pth file or the name 'vgg19')")
         return path
-    dirs = [Path(d).expanduser() for d in models_dirs] or [default_models_dir()]
-    for folder in dirs:
-        for name in (VGG19_FILENAME, Path(VGG19_URL).name):
-            if (folder / name).is_file():
-                return folder / name
+    dirs, found = _first_found(models_dirs, (VGG19_FILENAME, Path(VGG19_URL).name))
+    if found is not None:
+        return found
     if not download:
         raise FusionError(f"weights: vgg19 not found; put {VGG19_FILENAME} or {Path(VGG19_URL).name} in {dirs[0]}")
     return download_vgg19(dirs[0], progress=progress)
+
+
+def _first_found(models_dirs: Iterable[str | os.PathLike], names: Iterable[str]) -> tuple[list[Path], Path | None]:
+    """The folders searched (``models_dirs``, else the default one) and the first of ``names`` found in them."""
+    dirs = [Path(d).expanduser() for d in models_dirs] or [default_models_dir()]
+    for folder in dirs:
+        for name in names:
+            if (folder / name).is_file():
+                return dirs, folder / name
+    return dirs, None
 
 
 def download_vgg19(
@@ -199,21 +208,29 @@ def download_vgg19(
     SHA-256 matches are its ``features.*`` tensors written (atomically) as ``vgg19.safetensors``.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".vgg19-download-", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            digest = _stream(url, out, progress, folder)
+    with _downloaded(url, folder, progress, VGG19_FILENAME) as (tmp, digest):
         if digest != sha256.lower():
             raise FusionError(
                 f"weights: the download from {url} has SHA-256 {digest}, expected {sha256}; the file was deleted"
             )
-        state, _ = _read_pth_for_conversion(Path(tmp_name))
+        state, _ = _read_pth_for_conversion(tmp)
         features = {k: v.float().contiguous() for k, v in state.items() if k.startswith("features.")}
         vgg_from_state_dict(features)  # refuse to keep anything that is not a VGG
         target = folder / VGG19_FILENAME
         save_safetensors_atomic(features, target, {"arch": "vgg19", "convention": "torchvision", "source": url})
         return target
+
+
+@contextmanager
+def _downloaded(url: str, folder: Path, progress: DownloadProgress | None, kept: str) -> Iterator[tuple[Path, str]]:
+    """``url`` streamed into a temporary file in ``folder`` (made if missing): (its path, its SHA-256), the file
+    deleted when the block ends, whatever happens in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _stream(url, out, progress, folder, kept)
+        yield Path(tmp_name), digest
     finally:
         Path(tmp_name).unlink(missing_ok=True)
 
@@ -224,11 +241,9 @@ def find_raft(
     """torchvision's RAFT (raft_large) weights for the optical flow (flow.py): ``raft_large.safetensors`` (or the
     checkpoint) in the first of ``models_dirs`` that has it, else downloaded into the first, verified and converted
     (``download_raft``)."""
-    dirs = [Path(d).expanduser() for d in models_dirs] or [default_models_dir()]
-    for folder in dirs:
-        for name in (RAFT_FILENAME, Path(RAFT_URL).name):
-            if (folder / name).is_file():
-                return folder / name
+    dirs, found = _first_found(models_dirs, (RAFT_FILENAME, Path(RAFT_URL).name))
+    if found is not None:
+        return found
     if not download:
         raise FusionError(f"flow 'raft': weights not found; put {RAFT_FILENAME} or {Path(RAFT_URL).name} in {dirs[0]}")
     return download_raft(dirs[0], progress=progress)
@@ -244,23 +259,17 @@ def download_raft(
     """Download torchvision's raft_large checkpoint, check it as torchvision does (the SHA-256 starts with the
     hash in the file's name), read it as tensors only and keep it as ``raft_large.safetensors``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".raft-download-", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            digest = _stream(url, out, progress, folder, RAFT_FILENAME)
+    with _downloaded(url, folder, progress, RAFT_FILENAME) as (tmp, digest):
         if not digest.startswith(sha256_prefix.lower()):
             raise FusionError(
                 f"flow 'raft': the download from {url} has SHA-256 {digest}, expected one starting {sha256_prefix}; "
                 "the file was deleted"
             )
-        state, _ = _read_pth_for_conversion(Path(tmp_name))
+        state, _ = _read_pth_for_conversion(tmp)
         target = folder / RAFT_FILENAME
         tensors = {k: v.contiguous() for k, v in state.items()}
         save_safetensors_atomic(tensors, target, {"arch": "raft_large", "source": url})
         return target
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
 
 
 def _read_pth_for_conversion(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

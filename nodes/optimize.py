@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..fusion_core.choices import chosen_fields, missing_layers, preset_terms, settings_for
@@ -332,10 +334,7 @@ class FusionStyleFusedOptimize:
         device = comfy.torch_device()
         comfy.free_memory(_needed_bytes(vgg, content_image, style_losses, settings), device)
         results = []
-        try:
-            # Moved outside inference mode so the weights stay usable by autograd on the new device.
-            with torch.inference_mode(False):
-                vgg.to(device)
+        with _on_device(vgg, device):
             for i, content in enumerate(contents):
 
                 def on_progress(p, done=i * steps):
@@ -352,21 +351,18 @@ class FusionStyleFusedOptimize:
                         raise
                     raise FusionError(f"content_image[{i}] (of a batch of {len(contents)}): {error}") from None
                 results.append(image)
-        except Cancelled as error:
-            comfy.raise_interrupted(error)
-        finally:
-            with torch.inference_mode(False):
-                vgg.to(comfy.offload_device())
-            comfy.soft_empty_cache()
         return (join_images(results),)
 
     def _clip(self, vgg, frames, style_losses, settings: Settings, temporal: Temporal, content_image):
         """The content batch as a clip, stylised in order (fusion_core.video): the progress bar counts every
         frame's iterations, the preview shows the frame being made."""
         video = temporal.video
-        first = video.later_iterations if temporal.previous is not None and not video.independent else None
+        # a frame's iterations: the whole run for a still (independent frames, or the first without a previous
+        # chunk), else the later frames' count
         counts = [
-            settings.total_steps() if (i == 0 and first is None) or video.independent else video.later_iterations
+            settings.total_steps()
+            if video.independent or (i == 0 and temporal.previous is None)
+            else video.later_iterations
             for i in range(len(frames))
         ]
         starts = [sum(counts[:i]) for i in range(len(frames))]
@@ -384,9 +380,7 @@ class FusionStyleFusedOptimize:
             update(starts[index] + p.step, None if p.image is None else to_pil(p.image))
 
         results = []
-        try:
-            with torch.inference_mode(False):
-                vgg.to(device)
+        with _on_device(vgg, device):
             for image in stylize_frames(
                 vgg,
                 frames,
@@ -399,13 +393,24 @@ class FusionStyleFusedOptimize:
                 should_stop=comfy.should_stop,
             ):
                 results.append(image)
-        except Cancelled as error:
-            comfy.raise_interrupted(error)
-        finally:
-            with torch.inference_mode(False):
-                vgg.to(comfy.offload_device())
-            comfy.soft_empty_cache()
         return join_images(results)
+
+
+@contextlib.contextmanager
+def _on_device(vgg, device: torch.device):
+    """The network on ``device`` for a run: a cancel becomes ComfyUI's interruption, and afterwards the network goes
+    back to ComfyUI's offload device and the cache is emptied, whatever happened."""
+    try:
+        # Moved outside inference mode so the weights stay usable by autograd on the new device.
+        with torch.inference_mode(False):
+            vgg.to(device)
+        yield
+    except Cancelled as error:
+        comfy.raise_interrupted(error)
+    finally:
+        with torch.inference_mode(False):
+            vgg.to(comfy.offload_device())
+        comfy.soft_empty_cache()
 
 
 def check_layers(vgg, style_losses, settings: Settings) -> None:
