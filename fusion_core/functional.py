@@ -186,9 +186,19 @@ def content_distance(features: Tensor, target: Tensor, count: int, energy: float
 
 def total_variation_loss(image: Tensor) -> Tensor:
     """Mean squared difference between neighbouring pixels."""
-    dy = (image[..., 1:, :] - image[..., :-1, :]).square().mean()
-    dx = (image[..., :, 1:] - image[..., :, :-1]).square().mean()
-    return dy + dx
+    return total_variation_of_band(image, image.shape)
+
+
+def total_variation_of_band(band: Tensor, shape: torch.Size | tuple[int, ...], rows: int | None = None) -> Tensor:
+    """``band``'s share of ``total_variation_loss`` of an image of ``shape`` (N, C, H, W) that the band is a run of
+    rows of: vertical differences within the band, horizontal ones on its first ``rows`` rows (default all). A band
+    that passes the row below its own as well (and ``rows`` its own count) gets every difference of the image counted
+    once over all bands."""
+    channels, height, width = shape[-3:]
+    vertical, horizontal = channels * (height - 1) * width, channels * height * (width - 1)
+    dy = (band[..., 1:, :] - band[..., :-1, :]).square().sum()
+    dx = (band[..., :rows, 1:] - band[..., :rows, :-1]).square().sum()
+    return dy / max(vertical, 1) + dx / max(horizontal, 1)
 
 
 def patch_grid(height: int, width: int, size: int, stride: int) -> tuple[int, int]:

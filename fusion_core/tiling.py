@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .criterion import Criterion
 from .errors import FusionError
-from .functional import gram_part, gram_scale, memory_format_of, patch_grid
+from .functional import gram_part, gram_scale, memory_format_of, patch_grid, total_variation_of_band
 from .geometry import feature_shape
 from .losses import ContentLoss, GramLoss, PatchLoss
 from .precision import GradientScale, autocast, float32_region, full_float32, memory_format
@@ -515,15 +515,12 @@ TV_BAND = 256  # rows of the image per band of the total-variation term
 def _total_variation_in_bands(image: Tensor, grad: Tensor, weight: float) -> Tensor:
     """``functional.total_variation_loss(image)``, its gradient times ``weight`` added to ``grad``, in bands of
     rows: its autograd of the whole image would hold several image-sized temporaries."""
-    _, channels, height, width = image.shape
-    vertical, horizontal = channels * (height - 1) * width, channels * height * (width - 1)
+    height = image.shape[-2]
     total = image.new_zeros(())
     for top in range(0, height, TV_BAND):
         bottom = min(height, top + TV_BAND)
         band = image[..., top : min(height, bottom + 1), :].detach().requires_grad_(True)  # and the next row
-        dy = band[..., 1:, :] - band[..., :-1, :]  # the differences from the band's rows to the rows below them
-        dx = band[..., : bottom - top, 1:] - band[..., : bottom - top, :-1]
-        value = dy.square().sum() / max(vertical, 1) + dx.square().sum() / max(horizontal, 1)
+        value = total_variation_of_band(band, image.shape, rows=bottom - top)
         (weight * value).backward()
         grad[..., top : band.shape[-2] + top, :] += band.grad
         total = total + value.detach()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import smooth_image, tiny_vgg
 
-from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, memory
+from fusion_core import FusionError, GlobalStyle, LocalStyle, Settings, memory, tiling
 from fusion_core.functional import gram_matrix, gram_part, gram_part_grad
 from fusion_core.geometry import feature_shape, layer_reach
 from fusion_core.memory import MIN_TILE, estimate_bytes, plan_level, split_candidates, tiled_bytes
@@ -481,3 +481,20 @@ def test_seeds_add_their_window_gradients_to_the_gradient_from_above(above):
         total = total + (direct * above_weight).sum()
     total.backward()
     torch.testing.assert_close(ours.grad, reference.grad)
+
+
+def test_total_variation_in_bands_equals_the_whole_image_and_its_gradient(monkeypatch):
+    """The banded TV (bands of 3 rows over 10, the last one short) against a direct computation of the mean squared
+    neighbour differences and autograd's gradient of it."""
+    monkeypatch.setattr(tiling, "TV_BAND", 3)
+    torch.manual_seed(5)
+    image = torch.rand(1, 3, 10, 7, dtype=torch.float64)
+    whole = image.clone().requires_grad_(True)
+    direct = (whole[..., 1:, :] - whole[..., :-1, :]).square().mean() + (
+        whole[..., 1:] - whole[..., :-1]
+    ).square().mean()
+    direct.backward()
+    grad = torch.zeros_like(image)
+    value = tiling._total_variation_in_bands(image, grad, weight=2.5)
+    assert torch.allclose(value, direct.detach(), rtol=1e-12)
+    assert torch.allclose(grad, 2.5 * whole.grad, rtol=1e-12, atol=1e-15)
