@@ -137,6 +137,7 @@ def gatys(vgg, content: torch.Tensor, style: torch.Tensor, size: int, iterations
         size=size,
         levels=1,
         iterations=iterations,
+        final_iterations=0,  # the one level is the last: all ``iterations`` there, not the defaults' shorter last level
         init="content",
         content_layer="relu4_2",
         tv_weight=1.0,
@@ -364,7 +365,7 @@ def main() -> None:
             record["reference"] = measure(vgg, reference, content, style, motifs)
             images.append(("reference (neural-style, VGG19)", reference))
         elif args.gatys:
-            gatys_fields = [name, settings.size, args.gatys_iterations, Path(args.weights).name, "gatys-v1"]
+            gatys_fields = [name, settings.size, args.gatys_iterations, Path(args.weights).name, "gatys-v2"]
             gatys_key = hashlib.sha256("|".join(map(str, gatys_fields)).encode()).hexdigest()[:16]
             gatys_run, gatys_seconds = cached_render(
                 cache / f"gatys_{name}_{gatys_key}",
