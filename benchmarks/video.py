@@ -11,7 +11,8 @@ the warping error (Lai et al. 2018: the mean over consecutive pairs of the occlu
 between a frame and the previous one warped into it, RGB in 0..1), with the *exact* flow and occlusions here (the
 method's own flow is DIS, or RAFT: never the judge), the input clip's own warping error (the floor), per frame the
 style SWD, content distance and palette distance (benchmarks/metrics.py) and sharpness (mean gradient magnitude),
-their means and the first ten frames' against the last ten's, and seconds per frame. Frames and a temporal slice
+their means and the first ten frames' against the last ten's, seconds per frame and the flow's share of the later
+frames' time. Frames and a temporal slice
 (one image row over time) are written to ``--out`` to look at.
 """
 
@@ -116,6 +117,19 @@ def read_frames(path: str, count: int, shape: tuple[int, int]) -> list[torch.Ten
     frames = [clip[i] for i in range(min(count, len(clip)))]
     size = fit_longest(*frames[0].shape[-2:], max(shape))
     return [resize(frame, size) for frame in frames]
+
+
+class TimedFlow:
+    """The method's flow estimator, counting the seconds spent in it (on the CPU, where the benchmark runs)."""
+
+    def __init__(self, flow) -> None:
+        self.flow, self.seconds = flow, 0.0
+
+    def __call__(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        found = self.flow(first, second)
+        self.seconds += time.perf_counter() - start
+        return found
 
 
 def warping_error(clip: list[torch.Tensor], flows: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
@@ -235,8 +249,9 @@ def main() -> None:
     for mode, weight in runs:
         video = VideoSettings(temporal_weight=weight, later_iterations=args.later_iters, independent=mode != "temporal")
         made, seconds = [], []
+        timed = TimedFlow(flow)
         start = time.perf_counter()
-        for image in stylize_frames(vgg, clip, terms, settings, video, flow=flow):
+        for image in stylize_frames(vgg, clip, terms, settings, video, flow=timed):
             made.append(image)
             seconds.append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -261,6 +276,7 @@ def main() -> None:
             "warping_error": warping_error(made, flows, masks),
             "first_frame_s": seconds[0],
             "later_frame_s": sum(seconds[1:]) / max(1, len(seconds) - 1),
+            "flow_share": timed.seconds / max(sum(seconds[1:]), 1e-9),  # of the later frames' time
             **{key: mean(key, per_frame) for key in per_frame[0]},
             "first_ten": {key: mean(key, per_frame[:10]) for key in per_frame[0]},
             "last_ten": {key: mean(key, per_frame[-10:]) for key in per_frame[0]},
