@@ -151,7 +151,9 @@ def test_float16_path_emulated_on_cpu_gives_the_float32_gradient(monkeypatch):
     # What remains with the scale is float16's rounding of the forward pass (~7%), not underflow. How much is lost
     # unscaled depends on the CPU's float16 arithmetic; tests/test_cuda.py asks the same of a real GPU.
     assert scaled < 0.1 and scaled < 0.6 * unscaled, (scaled, unscaled)
-    assert scaled_lost == 0 < unscaled_lost, (scaled_lost, unscaled_lost)
+    # Underflow loses thousands of the 331k entries unscaled; scaled, at most an entry or two whose value is a
+    # difference of near-equal terms, and which ones depends on the summation order (the thread count).
+    assert scaled_lost <= 1e-5 and 100 * scaled_lost < unscaled_lost, (scaled_lost, unscaled_lost)
 
 
 def test_tiled_float16_path_emulated_on_cpu_gives_the_untiled_float16_gradient(monkeypatch):
@@ -306,7 +308,9 @@ def test_cuda_mixed_precision_runs_vgg_in_float16_and_losses_in_float32():
 def test_float16_gradient_scale_on_cuda_recovers_what_float16_loses():
     unscaled, scaled, unscaled_lost, scaled_lost = float16_gradient_errors("cuda")
     assert scaled < 0.1 and scaled < 0.6 * unscaled, (scaled, unscaled)
-    assert scaled_lost == 0 < unscaled_lost, (scaled_lost, unscaled_lost)
+    # Underflow loses thousands of the 331k entries unscaled; scaled, at most an entry or two whose value is a
+    # difference of near-equal terms, and which ones depends on the summation order (the thread count).
+    assert scaled_lost <= 1e-5 and 100 * scaled_lost < unscaled_lost, (scaled_lost, unscaled_lost)
 
 
 def tf32_state() -> list:
