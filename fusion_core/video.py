@@ -25,7 +25,7 @@ from .flow import FlowEstimator
 from .geometry import fit_longest
 from .images import check_image, resize
 from .stylize import stylize
-from .temporal import TemporalTerm, reliability, warp
+from .temporal import TemporalTerm, reliability, warp_sharp
 from .vgg import VGGFeatures
 
 # Provisional: the temporal weight and the later frames' iterations are yet to be chosen by measurement
@@ -137,4 +137,5 @@ def _warped_previous(flow: FlowEstimator, last: Tensor, last_photo: Tensor, phot
     with torch.no_grad():
         backward = flow(photo, last_photo)  # this frame -> the previous one
         forward = flow(last_photo, photo)  # the previous frame -> this one
-        return warp(last, backward), reliability(backward, forward)
+        # cubic: the bilinear blur would add up frame after frame (temporal.warp_sharp)
+        return warp_sharp(last, backward).clamp(0, 1), reliability(backward, forward)
