@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         choices=list(PRESETS),
         help="paper: the paper's own set-up (random start, no total variation, local term on every level, a2 1e-4, "
-        "a3 20, its Gram layers, no content in the patch search); "
+        "a3 20, its Gram layers, the content at relu3_1, no content in the patch search); "
         "flags given explicitly still apply",
     )
     p.add_argument(

@@ -95,7 +95,9 @@ class Settings:
     """How to optimise: content term, pyramid, optimiser, reproducibility, reporting."""
 
     content_weight: float = 10.0  # a3 (the paper's 20: the paper preset)
-    content_layer: str = "relu3_1"
+    # Gatys et al.'s content layer; the paper's relu3_1 (the paper preset) holds the strokes' own layer to the photo
+    # too, which costs style and, beside a plain Gatys run, structure (docs/RESULTS.md)
+    content_layer: str = "relu4_2"
     size: int = 512  # longest side of the output, in pixels
     levels: int = 3  # coarse-to-fine pyramid levels, each twice the size of the one before
     iterations: int = 80  # optimiser iterations per level
@@ -206,6 +208,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "local_all_levels": True,
         "global_layers": PAPER_GLOBAL_LAYERS,
         "match_content": 0.0,
+        "content_layer": "relu3_1",
         "content_weight": 20.0,
         "final_iterations": 0,
         "iterations": 100,

@@ -155,7 +155,8 @@ def test_the_allocator_setting_is_entered_only_where_the_caller_asks_and_is_set_
     content, style = smooth_image(61, 77, seed=1), smooth_image(54, 83, seed=2)
     styles = [GlobalStyle(style, layers=("relu1_1", "relu2_1", "relu3_1")), LocalStyle(style)]
     for tile in (0, 50):
-        settings = Settings(final_iterations=0, size=77, levels=2, iterations=1, tile=tile)
+        # the content on relu3_1: 50 px tiles are too small for relu4_2's receptive field
+        settings = Settings(content_layer="relu3_1", final_iterations=0, size=77, levels=2, iterations=1, tile=tile)
         stylize_module.stylize(tiny_vgg(), content, styles, settings)
         assert calls == []  # a library call: never
         stylize_module.stylize(tiny_vgg(), content, styles, settings, tiled_level=allocator.freed_memory_returned)
@@ -180,7 +181,9 @@ def test_a_tiled_plan_counts_the_content_maps_it_holds():
         estimate(content_layer="relu4_1", match_content=0.5)
         == estimate(content_layer="relu4_1", match_content=0) + relu3_1
     )
-    assert estimate(match_content=0) == estimate(content_weight=0, match_content=0) + relu3_1
+    assert estimate(content_layer="relu3_1", match_content=0) == (
+        estimate(content_layer="relu3_1", content_weight=0, match_content=0) + relu3_1
+    )
 
 
 def test_a_memory_budget_leaves_room_for_what_the_process_holds(monkeypatch):

@@ -209,7 +209,7 @@ def test_zero_weight_terms_are_left_out(vgg, images):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(levels=5, size=48), "size: at the coarsest level it is 2x3 px, too small for relu3_1; use a larger size"),
+        (dict(levels=5, size=48), "size: at the coarsest level it is 2x3 px, too small for relu4_2; use a larger size"),
         (dict(iterations=0), "iterations: expected a whole number >= 1"),
         (dict(init="noise"), "init: 'noise' is not one of recolored, content, random"),
         (dict(content_layer="relu9_9"), "unknown layer.*'relu9_9'.*valid: relu1_1"),
@@ -340,7 +340,9 @@ def test_the_paper_preset_sets_back_what_the_defaults_change():
     assert (default.init, default.local_all_levels, default.global_layers) == ("recolored", False, None)
     assert default.tv_weight > 0 and default.match_content > 0
     assert (paper.content_weight, paper.iterations, paper.final_iterations) == (20.0, 100, 0)  # a3, the schedule
+    assert (paper.content_layer, default.content_layer) == ("relu3_1", "relu4_2")  # the paper's, Gatys et al.'s
     changed = ("init", "tv_weight", "local_all_levels", "global_layers", "match_content", "content_weight")
+    changed += ("content_layer",)
     changed += ("iterations", "final_iterations")
     same = {k for k in vars(default) if k not in changed}
     assert all(getattr(paper, k) == getattr(default, k) for k in same)
