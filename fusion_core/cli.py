@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"search nearest patches every N iterations (default {_DEFAULTS.rematch_every})",
     )
     p.add_argument(
+        "--content-layer",
+        help=f"the VGG layer the content is compared at (default {_DEFAULTS.content_layer}, Gatys et al.'s: keeps the "
+        f"photo's forms and leaves its textures to the style; {PRESETS['paper']['content_layer']}, the paper's, with "
+        "--preset paper: holds finer detail and paints less)",
+    )
+    p.add_argument(
         "--match-content",
         type=float,
         help="the content's share, 0 to 1, in what the local loss's nearest style patches are searched for "
@@ -318,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             init=args.init,
             tv_weight=args.tv_weight,
             match_content=args.match_content,
+            content_layer=args.content_layer,
             content_weight=args.content_weight,
             size=args.size,
             levels=args.levels,
