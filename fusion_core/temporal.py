@@ -26,18 +26,24 @@ OCCLUSION_SLOPE, OCCLUSION_FLOOR = 0.01, 0.5
 BOUNDARY_SLOPE, BOUNDARY_FLOOR = 0.01, 0.002
 
 
-def warp(image: Tensor, flow: Tensor) -> Tensor:
-    """``image`` (B, C, H, W) sampled at x + ``flow``(x) for every pixel x (bilinear; outside the image, its
-    border): the previous frame moved into the current one when ``flow`` is the current frame's backward flow."""
+def _sample_points(image: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each pixel of ``image`` is sampled from: x + ``flow``(x), as the column and row coordinates, in pixels
+    (after checking ``flow`` against the image's size)."""
     _check_flow("flow", flow, image.shape[-2:])
-    b, _, h, w = image.shape
+    h, w = image.shape[-2:]
     ys, xs = torch.meshgrid(
         torch.arange(h, device=image.device, dtype=image.dtype),
         torch.arange(w, device=image.device, dtype=image.dtype),
         indexing="ij",
     )
-    x = xs + flow[:, 0].to(image.dtype)
-    y = ys + flow[:, 1].to(image.dtype)
+    return xs + flow[:, 0].to(image.dtype), ys + flow[:, 1].to(image.dtype)
+
+
+def warp(image: Tensor, flow: Tensor) -> Tensor:
+    """``image`` (B, C, H, W) sampled at x + ``flow``(x) for every pixel x (bilinear; outside the image, its
+    border): the previous frame moved into the current one when ``flow`` is the current frame's backward flow."""
+    b, _, h, w = image.shape
+    x, y = _sample_points(image, flow)
     # normalised to -1..1 at the outer pixels' centres (align_corners=True)
     grid = torch.stack([2 * x / max(w - 1, 1) - 1, 2 * y / max(h - 1, 1) - 1], dim=-1).expand(b, h, w, 2)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
@@ -66,14 +72,8 @@ def warp_sharp(image: Tensor, flow: Tensor) -> Tensor:
     add up (a stylised frame carried over 19 frames of a slow pan along its exact flow kept 0.29 of its gradient
     energy bilinearly, all of it cubically). Gathers of the 16 taps, which every backend has; equal to
     ``F.grid_sample(mode="bicubic", padding_mode="border", align_corners=True)``, which not every backend has."""
-    _check_flow("flow", flow, image.shape[-2:])
     b, c, h, w = image.shape
-    ys, xs = torch.meshgrid(
-        torch.arange(h, device=image.device, dtype=image.dtype),
-        torch.arange(w, device=image.device, dtype=image.dtype),
-        indexing="ij",
-    )
-    x, y = xs + flow[:, 0].to(image.dtype), ys + flow[:, 1].to(image.dtype)
+    x, y = _sample_points(image, flow)
     x0, y0 = x.floor(), y.floor()  # each tap, not the point, is clamped to the image (as torch's bicubic does)
     wx, wy = _cubic_weights(x - x0), _cubic_weights(y - y0)
     x0, y0 = x0.long(), y0.long()

@@ -214,8 +214,8 @@ class FusionStyleFusedOptimize:
                         "default": "default",
                         "tooltip": "'paper': the paper's own set-up: init random, tv_weight 0, match_content 0, "
                         "content_weight 20, content_layer relu3_1, the local loss's weight 1e-4, 100 iterations on "
-                        "every level, its Gram "
-                        "layers and the local loss on every pyramid level, for the inputs left at their defaults. "
+                        "every level, its Gram layers and the local loss on every pyramid level, for the inputs left "
+                        "at their defaults. "
                         "'default' uses the inputs as they are, with the local loss only on levels where the style "
                         "image is at least 256 px.",
                     },

@@ -24,9 +24,12 @@ from fusion_core.tiling import TiledCriterion, tiled_maps
 GRADIENT_TOLERANCE = 1e-5  # of the largest gradient entry (module docstring)
 VALUE_TOLERANCE = 1e-5  # relative
 SHALLOW = ("relu1_1", "relu2_1", "relu3_1")  # Gram layers with a small receptive field: many tiles on small images
-# The content term on the local term's shallow layer: the tiles and images here are sized for shallow layers'
-# receptive fields (the default content layer, relu4_2, has a far larger one)
-SHALLOW_CONTENT = "relu3_1"
+
+
+def shallow_settings(**fields) -> Settings:
+    """Settings with the content term on the local term's shallow layer: the tiles and images here are sized for
+    shallow layers' receptive fields (the default content layer, relu4_2, has a far larger one)."""
+    return Settings(content_layer="relu3_1", **fields)
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +171,7 @@ def test_tiled_gradient_equals_the_untiled_one(net, kind, masked, split):
     shape = (61, 77)  # odd sizes: the pools drop a row and a column
     content, style = smooth_image(*shape, seed=2), smooth_image(54, 83, seed=3)
     terms = _terms(kind, style, _half_mask(shape) if masked else None)
-    settings = Settings(
-        content_layer=SHALLOW_CONTENT, size=77, levels=1, mixed_precision=False, matcher="exact", tv_weight=1.0
-    )
+    settings = shallow_settings(size=77, levels=1, mixed_precision=False, matcher="exact", tv_weight=1.0)
     whole, tiled = _both(net, content, terms, settings, shape, tile=50 if split is None else 30, split=split)
     assert tiled.tiles >= 4
     image = smooth_image(*shape, seed=4).requires_grad_(True)
@@ -187,7 +188,7 @@ def test_tiled_gradient_with_the_default_layers_a_margin_and_a_patch_stride(net,
     shape = (230, 250)
     content, style = smooth_image(*shape, seed=5), smooth_image(200, 240, seed=6)
     terms = [GlobalStyle(style, target_mask=_half_mask(shape)), LocalStyle(style, stride=2)]
-    settings = Settings(content_layer=SHALLOW_CONTENT, size=250, levels=1, mixed_precision=False, matcher="exact")
+    settings = shallow_settings(size=250, levels=1, mixed_precision=False, matcher="exact")
     tile = 220 if split is None else 180
     whole, tiled = _both(net, content, terms, settings, shape, tile=tile, margin=4, split=split)
     assert tiled.tiles >= 4
@@ -203,7 +204,7 @@ def test_tiled_fast_search_finds_the_untiled_matches(net):
     where a random candidate won, nowhere else."""
     shape = (61, 77)
     content, style = smooth_image(*shape, seed=2), smooth_image(54, 83, seed=3)
-    settings = Settings(content_layer=SHALLOW_CONTENT, size=77, levels=1, mixed_precision=False, matcher="fast")
+    settings = shallow_settings(size=77, levels=1, mixed_precision=False, matcher="fast")
     whole, tiled = _both(net, content, [LocalStyle(style)], settings, shape, tile=50)
     image = smooth_image(*shape, seed=4).requires_grad_(True)
     agreement = []
@@ -237,8 +238,7 @@ def _run(net, tile: int, matcher: str, nudge: float = 0.0) -> torch.Tensor:
     content, style = smooth_image(70, 90, seed=9), smooth_image(80, 80, seed=10)
     content = content + nudge * torch.randn(content.shape, generator=torch.Generator().manual_seed(1))
     terms = [GlobalStyle(style, layers=SHALLOW), LocalStyle(style)]
-    settings = Settings(
-        content_layer=SHALLOW_CONTENT,
+    settings = shallow_settings(
         final_iterations=0,
         size=90,
         levels=2,
@@ -288,7 +288,7 @@ def test_no_seam_the_tiled_result_differs_no_more_at_tile_edges(net, every_layer
     elsewhere, in the gradient and in the image after a run. The measure itself finds a planted seam."""
     shape = (150, 190)  # blocks several times the width of the band measured along their edges
     content, style = smooth_image(*shape, seed=2), smooth_image(120, 140, seed=3)
-    settings = Settings(content_layer=SHALLOW_CONTENT, size=190, levels=1, mixed_precision=False, matcher="exact")
+    settings = shallow_settings(size=190, levels=1, mixed_precision=False, matcher="exact")
     whole, tiled = _both(net, content, _terms("all", style, None), settings, shape, tile=100)
     assert tiled.tiles >= 4
     image = smooth_image(*shape, seed=4).requires_grad_(True)
@@ -341,7 +341,7 @@ def test_the_plan_is_whole_where_it_fits_and_tiled_where_not(style):
 
 def test_the_splits_are_the_pooling_layers_before_the_deepest_layer(net):
     content, style = smooth_image(61, 77, seed=2), smooth_image(54, 83, seed=3)
-    settings = Settings(content_layer=SHALLOW_CONTENT, size=77, levels=1, mixed_precision=False)
+    settings = shallow_settings(size=77, levels=1, mixed_precision=False)
     criterion = build_criterion(net, content, _terms("all", style, None), settings, (61, 77))
     assert split_candidates(net, criterion.layers) == ["pool1", "pool2"]  # relu3_1 is the deepest
     with pytest.raises(FusionError, match="split: 'pool3' must be a pooling layer before the deepest layer"):
@@ -362,8 +362,7 @@ def test_a_run_that_cannot_fit_even_in_tiles_is_refused_with_the_estimate_and_a_
 def test_progress_reports_the_tiles_and_the_history(net, every_layer_in_tiles):
     content, style = smooth_image(70, 90, seed=9), smooth_image(80, 80, seed=10)
     reports = []
-    settings = Settings(
-        content_layer=SHALLOW_CONTENT,
+    settings = shallow_settings(
         final_iterations=0,
         size=90,
         levels=1,
@@ -380,8 +379,7 @@ def test_progress_reports_the_tiles_and_the_history(net, every_layer_in_tiles):
 def test_progress_reports_the_split_the_plan_chose(net):
     content, style = smooth_image(70, 90, seed=9), smooth_image(80, 80, seed=10)
     reports = []
-    settings = Settings(
-        content_layer=SHALLOW_CONTENT,
+    settings = shallow_settings(
         final_iterations=0,
         size=90,
         levels=1,
@@ -457,8 +455,7 @@ def test_a_tiled_run_with_every_control_gives_the_untiled_image(net):
     ]
 
     def run(tile: int, nudge: float = 0.0) -> torch.Tensor:
-        settings = Settings(
-            content_layer=SHALLOW_CONTENT,
+        settings = shallow_settings(
             size=90,
             levels=2,
             iterations=5,
