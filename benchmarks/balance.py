@@ -1,4 +1,4 @@
-"""Gradient balance of the three loss terms at the defaults (a1 = 20, a2 = 5e-5, a3 = 10).
+"""Gradient balance of the three loss terms at the defaults (a1 = 20, a2 = 2.5e-5, a3 = 10).
 
 Runs the pyramid up to the last level, then, at the first iteration of the last level, measures the
 norm of each weighted term's gradient with respect to the image and prints its share of their sum.

@@ -14,6 +14,7 @@ from .choices import settings_for, term_weight
 from .config import (
     COLOR_MODES,
     INITS,
+    MATCH_METRICS,
     MATCHER_NAMES,
     OPTIMIZERS,
     PRESET_WEIGHTS,
@@ -153,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the content's share, 0 to 1, in what the local loss's nearest style patches are searched for "
         f"(default {_DEFAULTS.match_content:g}; 0, the output alone, with --preset paper): keeps the painting's "
         "motifs (eyes, faces) out of the photo's sky and water",
+    )
+    p.add_argument(
+        "--match-metric",
+        choices=list(MATCH_METRICS),
+        help=f"what 'nearest' means in the local loss's patch search (default {_DEFAULTS.match_metric}: feature "
+        "distance, so faint texture is matched to faint strokes; correlation, the paper's normalised "
+        "cross-correlation, with --preset paper: can pull faint texture to the painting's eyes)",
     )
     p.add_argument(
         "--mixed-precision",
@@ -324,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             init=args.init,
             tv_weight=args.tv_weight,
             match_content=args.match_content,
+            match_metric=args.match_metric,
             content_layer=args.content_layer,
             content_weight=args.content_weight,
             size=args.size,

@@ -23,15 +23,20 @@ OPTIMIZERS = ("lbfgs", "adam")  # L-BFGS (the paper); Adam needs less memory and
 COLOR_MODES = ("none", "luminance", "histogram")  # see colour.py
 # Nearest-patch searches (matching.MATCHERS): projected candidates re-ranked exactly, or every style patch
 MATCHER_NAMES = ("fast", "exact")
+# What "nearest" means in the local term's search (matching.METRICS): feature distance, or the normalised
+# cross-correlation of Li and Wand and the paper
+MATCH_METRICS = ("distance", "correlation")
 # Smallest style image (longest side, px) at which a coarse pyramid level uses the local term (stylize.styles_at_level)
 LOCAL_MIN_STYLE_SIDE = 256
 
 
 # The style terms' weights (a1, a2) each preset starts from; a weight the user gives wins (choices.term_weight).
-# Ours halve the paper's a2 and a3 (content_weight) against its a1: the local term's search looks at the content
-# too (match_content), which tames its pull on structure, so the Gram term can carry more of the style.
+# Ours take a3 (content_weight) at half the paper's and a2 at a quarter, against its a1: the local term's search
+# looks at the content too (match_content) and for the nearest patch in feature distance (match_metric), so it
+# holds faint texture to faint strokes, and a stronger pull of it makes the picture blander; the Gram term carries
+# more of the style (docs/RESULTS.md, section 1).
 PRESET_WEIGHTS: dict[str, dict[str, float]] = {
-    "default": {"global": 20.0, "local": 5e-5},
+    "default": {"global": 20.0, "local": 2.5e-5},
     "paper": {"global": 20.0, "local": 1e-4},
 }
 
@@ -112,6 +117,10 @@ class Settings:
     # The content's share in what the local term's nearest style patches are searched for, from 0 (the output's
     # features alone: the paper) to 1 (the content's alone); losses.PatchLoss says why
     match_content: float = 0.5
+    # "distance": the nearest style patch in feature distance, so a faint patch of the output is matched to a faint
+    # one; "correlation" (the paper's normalised cross-correlation) ignores strength and pulls faint texture to the
+    # painting's most contrasted detail (an eye) at full strength (matching.py, docs/method.md)
+    match_metric: str = "distance"
     global_layers: tuple[str, ...] | None = None  # if given, every GlobalStyle's layers (the paper preset's)
     history_size: int = 20  # L-BFGS memory; each entry holds two image-sized vectors
     matcher: str = "fast"  # nearest-patch search, one of MATCHER_NAMES
@@ -146,6 +155,7 @@ class Settings:
             ("optimizer", OPTIMIZERS),
             ("color", COLOR_MODES),
             ("matcher", MATCHER_NAMES),
+            ("match_metric", MATCH_METRICS),
         ):
             if getattr(self, name) not in choices:
                 raise FusionError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
@@ -208,6 +218,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "local_all_levels": True,
         "global_layers": PAPER_GLOBAL_LAYERS,
         "match_content": 0.0,
+        "match_metric": "correlation",
         "content_layer": "relu3_1",
         "content_weight": 20.0,
         "final_iterations": 0,

@@ -100,7 +100,8 @@ class PatchLoss(nn.Module):
     pulls every output patch toward its match. The optimiser decides when to call ``match``.
 
     ``matcher`` names the search in ``matching.MATCHERS``; it is built for the style map at the first
-    ``match`` and kept, so per-style work (the fast search's projection) is done once per level.
+    ``match`` and kept, so per-style work (the fast search's projection) is done once per level. ``metric`` is what
+    "nearest" means (``matching.METRICS``): "correlation" (Li and Wand, the paper) or "distance".
 
     ``guide`` (the content image's map on this layer) and ``guide_share`` in [0, 1]: the nearest style patches are
     searched for ``(1 - guide_share) * output + guide_share * guide`` rather than for the output alone (0, as Li
@@ -120,12 +121,13 @@ class PatchLoss(nn.Module):
         style_eligible: Tensor | None = None,
         target_weights: Tensor | None = None,
         matcher: str = "exact",
+        metric: str = "correlation",
         guide: Tensor | None = None,
         guide_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.layer, self.layers = layer, (layer,)
-        self.patch_size, self.stride, self.matcher = patch_size, stride, matcher
+        self.patch_size, self.stride, self.matcher, self.metric = patch_size, stride, matcher, metric
         self.register_buffer("style", style_features.detach())
         if guide_share > 0 and guide is None:
             raise ValueError("guide_share > 0 needs a guide map")
@@ -146,7 +148,9 @@ class PatchLoss(nn.Module):
     def searcher(self) -> Matcher:
         """The matcher for this style map, built at the first match and kept for the level."""
         if self._search is None:
-            self._search = MATCHERS[self.matcher](self.style, self.patch_size, self.stride, self.style_eligible)
+            self._search = MATCHERS[self.matcher](
+                self.style, self.patch_size, self.stride, self.style_eligible, metric=self.metric
+            )
         return self._search
 
     def query(self, features: Tensor, origin: tuple[int, int] = (0, 0)) -> Tensor:

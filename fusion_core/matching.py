@@ -1,18 +1,23 @@
-"""Nearest style patch for every output patch, by normalised cross-correlation (Li & Wand 2016).
+"""Nearest style patch for every output patch (Li & Wand 2016), by one of two scores (``metric``):
 
-Score(i, j) = <q_i, s_j> / |s_j|: the cosine similarity up to the factor 1/|q_i|, which does not
-change the best j for a given i.
+- "correlation", normalised cross-correlation, Li & Wand's and the paper's: Score(i, j) = <q_i, s_j> / |s_j|, the
+  cosine similarity up to the factor 1/|q_i|, which does not change the best j for a given i. It ignores how strong
+  a patch is: a faint patch of grass picks the style patch whose *pattern* it shares, often the painting's most
+  contrasted detail (a pupil, a nostril), and the loss then pulls it to that patch at full strength.
+- "distance", the squared feature distance |q_i - s_j|^2: Score(i, j) = <q_i, s_j> - |s_j|^2 / 2, the same order
+  (|q_i|^2 is the same for every j). A faint patch picks a faint style patch of its pattern; the painting's motifs
+  are drawn only where the output is as strong there (docs/method.md).
 
 A matcher (the ``Matcher`` protocol) is a class in ``MATCHERS``, built once per style map (pyramid level) as
-``cls(style, size, stride, style_eligible)`` and called as ``search(query, previous) -> indices``
+``cls(style, size, stride, style_eligible, metric=...)`` and called as ``search(query, previous) -> indices``
 (N_query,) long, where ``previous`` is the last match for the same grid or None:
 
-- ``ExactSearch`` ("exact") compares every (eligible) style patch at every call (``nearest_patches``),
+- ``ExactSearch`` ("exact") scores every (eligible) style patch at every call (``nearest_patches``),
   in bands, so at most ``max_scores`` similarities exist at any time; ``previous`` is ignored.
   Ties go to the lowest style index. Always float32.
 - ``ProjectedSearch`` ("fast", the default) runs ``full_search`` at the first and every
   ``FULL_SEARCH_EVERY``-th call: a cheap candidate search in a 64-dimensional projection (PCA of the
-  style patches), then the 8 best candidates re-ranked by their exact score. At 512 px (relu3_1:
+  style patches), then the 8 best candidates re-ranked by their exact score (either metric). At 512 px (relu3_1:
   ~16k query x ~16k style patches of 2304 values) the candidate scores cost 1/36 of the exact ones,
   and the patch found scores within 0.1% of the best on average (BENCHMARKS.md has the measurements).
   Between two full searches it only ``propagate``s: each output patch re-ranks, by the exact score,
@@ -44,6 +49,12 @@ PCA_SAMPLES = 1024  # style patches the projection is fitted on
 FULL_SEARCH_EVERY = 3  # fast matcher: a full candidate search every n-th match, propagation between
 TOPK_GROUP = 64  # projected scores per group of the two-stage top-k (``_top_candidates``)
 _NO_INDEX = torch.iinfo(torch.long).max
+METRICS = ("distance", "correlation")  # see the module's docstring; config.MATCH_METRICS names them for Settings
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
 
 
 def _band_rows(cols: int, max_patches: int) -> int:
@@ -59,18 +70,25 @@ def nearest_patches(
     *,
     style_eligible: Tensor | None = None,
     max_scores: int = DEFAULT_MAX_SCORES,
+    metric: str = "correlation",
 ) -> Tensor:
-    """Index of the best style patch for each query patch, shape (N_query,), exact.
+    """Index of the best style patch for each query patch by ``metric`` (module docstring), shape (N_query,), exact.
 
     ``style_eligible`` (N_style,) bool limits the candidates (a style mask); at least one must be True.
     """
+    _check_metric(metric)
     with precision.float32_region(query.device):
         query, style = query.float(), style.float()
         q_rows, q_cols = patch_grid(query.shape[-2], query.shape[-1], size, stride)
         s_rows, s_cols = patch_grid(style.shape[-2], style.shape[-1], size, stride)
-        inverse_norm = 1.0 / patch_norms(style, size, stride).clamp_min(1e-8)
+        norms = patch_norms(style, size, stride)
+        # score = <q, s> * scale + shift per style patch: correlation 1/|s| and 0, distance 1 and -|s|^2/2
+        if metric == "correlation":
+            scale, shift = 1.0 / norms.clamp_min(1e-8), torch.zeros_like(norms)
+        else:
+            scale, shift = torch.ones_like(norms), -0.5 * norms.square()
         if style_eligible is not None:
-            inverse_norm = torch.where(style_eligible, inverse_norm, torch.full_like(inverse_norm, float("nan")))
+            shift = torch.where(style_eligible, shift, torch.full_like(shift, float("nan")))
         # Query bands of ~sqrt(max_scores) patches, style bands filling the rest of the budget.
         q_band = _band_rows(q_cols, int(max_scores**0.5))
         s_band = _band_rows(s_cols, max_scores // (q_band * q_cols))
@@ -82,7 +100,8 @@ def nearest_patches(
             for s_start in range(0, s_rows, s_band):
                 s = patches(style, size, stride, slice(s_start, s_start + s_band))
                 offset = s_start * s_cols
-                scores = (q @ s.T) * inverse_norm[offset : offset + s.shape[0]]
+                band = slice(offset, offset + s.shape[0])
+                scores = torch.addcmul(shift[band], q @ s.T, scale[band])
                 scores.nan_to_num_(nan=-float("inf"))  # ineligible style patches never win
                 index = scores.argmax(dim=1)  # documented to return the first of equal maxima
                 value = scores.gather(1, index[:, None])[:, 0]
@@ -133,11 +152,13 @@ class ExactSearch:
         stride: int = 1,
         style_eligible: Tensor | None = None,
         *,
+        metric: str = "correlation",
         max_scores: int = DEFAULT_MAX_SCORES,
     ) -> None:
+        _check_metric(metric)
         if style_eligible is not None and not bool(style_eligible.any()):  # once per level, not per search
             raise ValueError("style_eligible: no style patch is eligible")
-        self.style, self.size, self.stride = style.detach(), size, stride
+        self.style, self.size, self.stride, self.metric = style.detach(), size, stride, metric
         self.style_eligible, self.max_scores = style_eligible, max_scores
 
     def __call__(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
@@ -148,7 +169,13 @@ class ExactSearch:
 
     def full_search(self, query: Tensor, previous: Tensor | None = None) -> Tensor:
         return nearest_patches(
-            query, self.style, self.size, self.stride, style_eligible=self.style_eligible, max_scores=self.max_scores
+            query,
+            self.style,
+            self.size,
+            self.stride,
+            style_eligible=self.style_eligible,
+            max_scores=self.max_scores,
+            metric=self.metric,
         )
 
     def propagate(self, query: Tensor, previous: Tensor, pool: Tensor | None = None) -> Tensor:
@@ -219,7 +246,9 @@ class ProjectedSearch:
 
     Preparation fits the projection: the top ``dims`` principal directions of the style patches
     (uncentred, since the score is an uncentred inner product), from ``samples`` patches drawn with
-    a fixed seed; and projects every eligible style patch once, divided by its norm.
+    a fixed seed; and projects every eligible style patch once: divided by its norm for "correlation"; for
+    "distance" divided by the style patches' mean norm (the unit that keeps 16-bit scores in range), with the
+    score's -|s|^2 / 2 in that unit kept beside it.
 
     A call runs ``full_search`` at the first and every ``FULL_SEARCH_EVERY``-th call (or when there is
     no ``previous`` match), ``propagate`` otherwise.
@@ -232,14 +261,17 @@ class ProjectedSearch:
         stride: int = 1,
         style_eligible: Tensor | None = None,
         *,
+        metric: str = "correlation",
         dims: int = FAST_DIMS,
         candidates: int = FAST_CANDIDATES,
         samples: int = PCA_SAMPLES,
         max_scores: int = DEFAULT_MAX_SCORES,
         gather_budget: int | None = None,
     ) -> None:
+        _check_metric(metric)
         with torch.no_grad(), precision.float32_region(style.device):
             self.style, self.size, self.stride, self.max_scores = style.float(), size, stride, max_scores
+            self.metric = metric
             # values per chunk of gathered style patches in the exact re-ranking: by device (precision.py)
             self.gather_budget = gather_budget or precision.gather_budget(style.device)
             norms = patch_norms(self.style, size, stride)
@@ -248,7 +280,11 @@ class ProjectedSearch:
             if len(self.eligible) == 0:
                 raise ValueError("style_eligible: no style patch is eligible")
             self.candidates = min(candidates, len(self.eligible))
-            self.inverse_norm = 1.0 / norms.clamp_min(1e-8)
+            # exact score = <q, s> * scale + shift, per style patch (as in ``nearest_patches``)
+            if metric == "correlation":
+                self.scale, self.shift = 1.0 / norms.clamp_min(1e-8), torch.zeros_like(norms)
+            else:
+                self.scale, self.shift = torch.ones_like(norms), -0.5 * norms.square()
             generator = torch.Generator().manual_seed(0)
             pick = torch.randperm(len(self.eligible), generator=generator)[:samples].to(self.eligible.device)
             self.style_rows, self.style_shape = positions_last(self.style), tuple(self.style.shape[-2:])
@@ -257,7 +293,14 @@ class ProjectedSearch:
             # A projection of every patch of a map is a convolution with the directions as kernels.
             self.kernels = basis.T.reshape(-1, self.style.shape[1], size, size).contiguous()
             projected = self._project(self.style)[self.eligible]
-            self.projected = projected * self.inverse_norm[self.eligible, None]  # (N_eligible, d)
+            # the unit of the "distance" search's projected scores: the eligible style patches' mean norm
+            self.unit = norms[self.eligible].mean().clamp_min(1e-8)
+            if metric == "correlation":
+                self.projected = projected * self.scale[self.eligible, None]  # (N_eligible, d)
+                self.projected_shift = None
+            else:
+                self.projected = projected / self.unit
+                self.projected_shift = -0.5 * (norms[self.eligible] / self.unit).square()  # (N_eligible,)
             self.is_eligible = eligible
             self.grid = patch_grid(*self.style_shape, size, stride)
             self.pool: Tensor | None = None  # (N_query, candidates): the last full search's candidates
@@ -290,9 +333,13 @@ class ProjectedSearch:
         with precision.float32_region(query.device):
             query = query.float()
             projected = self._project(query)
-            # Each query row scaled to unit length: the order within a row is unchanged and the
-            # scores stay in [-1, 1], safe for 16-bit floats under autocast.
-            projected = projected / projected.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            if self.projected_shift is None:
+                # Each query row scaled to unit length: the order within a row is unchanged and the
+                # scores stay in [-1, 1], safe for 16-bit floats under autocast.
+                projected = projected / projected.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            else:
+                # the style's unit: the scores are then of the order of 1, safe for 16-bit floats too
+                projected = projected / self.unit
             query_rows, q_shape = positions_last(query), tuple(query.shape[-2:])
         n_query, n_style = projected.shape[0], self.projected.shape[0]
         s_band = min(n_style, max(self.candidates, self.max_scores // 256))
@@ -305,6 +352,8 @@ class ProjectedSearch:
             top_score = top_index = None
             for s_start in range(0, n_style, s_band):
                 scores = q @ self.projected[s_start : s_start + s_band].T  # 16-bit under autocast
+                if self.projected_shift is not None:
+                    scores = scores.float() + self.projected_shift[s_start : s_start + s_band]
                 score, index = _top_candidates(scores, self.candidates)
                 score, index = score.float(), index + s_start
                 if top_score is not None:
@@ -338,7 +387,7 @@ class ProjectedSearch:
                 self.stride,
                 self.gather_budget,
             )
-            exact = exact * self.inverse_norm[candidates]
+            exact = torch.addcmul(self.shift[candidates], exact, self.scale[candidates])
             tied = exact == exact.max(1, keepdim=True).values
             return candidates.masked_fill(~tied, _NO_INDEX).amin(1)
 
@@ -436,18 +485,19 @@ def projected_nearest_patches(
     max_scores: int = DEFAULT_MAX_SCORES,
     dims: int = FAST_DIMS,
     candidates: int = FAST_CANDIDATES,
+    metric: str = "correlation",
 ) -> Tensor:
-    """Index of a near-best style patch for each query patch, shape (N_query,): one fast full search.
+    """Index of a near-best style patch for each query patch by ``metric``, shape (N_query,): one fast full search.
 
     1. Candidates: patches projected to ``dims`` dimensions (PCA of the style patches); the
-       ``candidates`` style patches with the best projected score <Pq, Ps>/|s| per query are kept.
-       Under autocast (mixed precision) this one product runs in 16 bits.
-    2. Re-ranking: the exact score <q, s>/|s| of each candidate, read from the feature maps in
+       ``candidates`` style patches with the best projected score (<Pq, Ps>/|s|, or <Pq, Ps> - |s|^2/2) per
+       query are kept. Under autocast (mixed precision) this one product runs in 16 bits.
+    2. Re-ranking: the exact score (<q, s>/|s| or <q, s> - |s|^2/2) of each candidate, read from the feature maps in
        float32; the best wins. With ``candidates`` >= the number of style patches this is the exact
        search; a wrong pick can only be a patch whose true score is close to the best.
     """
     search = ProjectedSearch(
-        style, size, stride, style_eligible, dims=dims, candidates=candidates, max_scores=max_scores
+        style, size, stride, style_eligible, metric=metric, dims=dims, candidates=candidates, max_scores=max_scores
     )
     return search.full_search(query)
 

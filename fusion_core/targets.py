@@ -157,6 +157,7 @@ def _patch_loss(
         style_eligible=eligible,
         target_weights=weights,
         matcher=settings.matcher,
+        metric=settings.match_metric,
         guide=guide,
         guide_share=settings.match_content,
     )

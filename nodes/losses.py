@@ -126,8 +126,8 @@ class FusionStyleLocalPatchLoss(_StyleLoss):
                         "default": _LOCAL.weight,
                         "min": 0.0,
                         "max": 100.0,
-                        # A small step, so the widget keeps values like 0.0001 (it rounds to the step's decimals).
-                        "step": 0.00001,
+                        # A small step, so the widget keeps values like 0.000025 (it rounds to the step's decimals).
+                        "step": 0.000001,
                         "round": False,
                         "tooltip": "a2, the weight of the patch loss (the paper's 1e-4, which Fused Style Optimize's "
                         "preset 'paper' sets). Higher: more of the style's local structure; 0 switches it off.",

@@ -10,6 +10,7 @@ from ..fusion_core.choices import chosen_fields, missing_layers, preset_terms, s
 from ..fusion_core.config import (
     COLOR_MODES,
     INITS,
+    MATCH_METRICS,
     MATCHER_NAMES,
     OPTIMIZERS,
     PRESETS,
@@ -213,7 +214,8 @@ class FusionStyleFusedOptimize:
                     {
                         "default": "default",
                         "tooltip": "'paper': the paper's own set-up: init random, tv_weight 0, match_content 0, "
-                        "content_weight 20, content_layer relu3_1, the local loss's weight 1e-4, 100 iterations on "
+                        "match_metric correlation, content_weight 20, content_layer relu3_1, the local loss's weight "
+                        "1e-4, 100 iterations on "
                         "every level, its Gram layers and the local loss on every pyramid level, for the inputs left "
                         "at their defaults. "
                         "'default' uses the inputs as they are, with the local loss only on levels where the style "
@@ -270,6 +272,17 @@ class FusionStyleFusedOptimize:
                         "eyes into a landscape's sky or water; 1 at the photo alone. The preset 'paper' sets 0.",
                     },
                 ),
+                "match_metric": (
+                    list(MATCH_METRICS),
+                    {
+                        "default": _DEFAULTS.match_metric,
+                        "tooltip": "What 'nearest' means when the local loss picks each patch's style patch. "
+                        "'distance': nearest in feature distance, so faint texture (grass, water) is matched to "
+                        "the painting's faint strokes. 'correlation' (the paper): the same pattern at any strength, "
+                        "which can pull faint texture to the painting's most contrasted detail (a pupil, a nostril) "
+                        "and paint it there at full strength. The preset 'paper' sets 'correlation'.",
+                    },
+                ),
                 "temporal": (
                     TEMPORAL,
                     {
@@ -305,6 +318,7 @@ class FusionStyleFusedOptimize:
         final_iterations=None,
         max_memory_gb=None,
         match_content=None,
+        match_metric=None,
         temporal=None,
     ):
         inputs = dict(
@@ -327,6 +341,7 @@ class FusionStyleFusedOptimize:
             final_iterations=_DEFAULTS.final_iterations if final_iterations is None else final_iterations,
             max_memory=max_memory_gb or _DEFAULTS.max_memory,
             match_content=_DEFAULTS.match_content if match_content is None else match_content,
+            match_metric=match_metric or _DEFAULTS.match_metric,
         )
         # a widget changed from its default is the user's choice and wins over the preset; one left alone, the preset's
         settings = settings_for(preset or "default", chosen_fields(inputs))

@@ -85,7 +85,7 @@ def comfy_images(batch: int, height: int, width: int, seed: int = 0) -> torch.Te
 
 
 def loss_chain(style_image: torch.Tensor, style_scale: float = 1.0, **extra) -> list:
-    """A Global Style Loss (a1 = 20, three Gram layers) chained into a Local Patch Loss (a2 = 5e-5, relu3_1, 3x3
+    """A Global Style Loss (a1 = 20, three Gram layers) chained into a Local Patch Loss (a2 = 2.5e-5, relu3_1, 3x3
     patches) on ``style_image``, run as ComfyUI runs them. ``extra`` (mask, style_mask, blend) goes to both
     nodes; ``style_losses``, the chain to add the pair to, goes to the first."""
     previous = extra.pop("style_losses", None)
@@ -101,7 +101,7 @@ def loss_chain(style_image: torch.Tensor, style_scale: float = 1.0, **extra) -> 
     (terms,) = run_node(
         "FusionStyleLocalPatchLoss",
         style_image=style_image,
-        weight=5e-5,  # the widget's default
+        weight=2.5e-5,  # the widget's default
         layer="relu3_1",
         patch_size=3,
         stride=1,

@@ -29,7 +29,7 @@ def test_a_choice_wins_over_the_preset_and_the_preset_over_the_defaults():
 
 
 def test_a_terms_weight_is_the_users_else_the_presets():
-    assert (term_weight("default", "global", None), term_weight("default", "local", None)) == (20.0, 5e-5)
+    assert (term_weight("default", "global", None), term_weight("default", "local", None)) == (20.0, 2.5e-5)
     assert (term_weight("paper", "global", None), term_weight("paper", "local", None)) == (20.0, 1e-4)
     assert term_weight("paper", "local", 3e-5) == 3e-5
     with pytest.raises(FusionError, match="preset: 'gatys'"):
@@ -40,7 +40,7 @@ def test_a_terms_weight_is_the_users_else_the_presets():
     paper = preset_terms("paper", terms)
     assert [t.weight for t in paper] == [20.0, 1e-4, 7e-5]
     assert (paper[0].scale, paper[2].layer) == (2.0, "relu2_1") and paper[1].image is style
-    assert [t.weight for t in preset_terms("default", terms)] == [20.0, 5e-5, 7e-5]
+    assert [t.weight for t in preset_terms("default", terms)] == [20.0, 2.5e-5, 7e-5]
 
 
 def test_a_forms_choices_are_the_values_that_differ_from_the_defaults():

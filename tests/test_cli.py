@@ -214,6 +214,21 @@ def test_match_content_reaches_the_settings_and_the_paper_preset_sets_it_to_zero
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
+        ([], "distance"),
+        (["--match-metric", "correlation"], "correlation"),
+        (["--preset", "paper"], "correlation"),
+        (["--preset", "paper", "--match-metric", "distance"], "distance"),
+    ],
+)
+def test_match_metric_reaches_the_settings_and_the_paper_preset_sets_correlation(files, fake_stylize, flags, expected):
+    captured = fake_stylize(cli)
+    assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
+    assert captured[0].match_metric == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
         ([], "relu4_2"),
         (["--content-layer", "relu3_1"], "relu3_1"),
         (["--preset", "paper"], "relu3_1"),
@@ -229,10 +244,10 @@ def test_content_layer_reaches_the_settings_and_the_paper_preset_sets_its_own(fi
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ([], (20.0, 5e-5, 10.0, 30)),
+        ([], (20.0, 2.5e-5, 10.0, 30)),
         (["--preset", "paper"], (20.0, 1e-4, 20.0, 0)),  # the paper's a1, a2, a3; every level alike
         (["--preset", "paper", "--local-weight", "3e-4", "--content-weight", "7"], (20.0, 3e-4, 7.0, 0)),
-        (["--global-weight", "40", "--final-iters", "0"], (40.0, 5e-5, 10.0, 0)),
+        (["--global-weight", "40", "--final-iters", "0"], (40.0, 2.5e-5, 10.0, 0)),
     ],
 )
 def test_the_paper_preset_sets_the_weights_and_schedule_not_given(files, fake_stylize, flags, expected):

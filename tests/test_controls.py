@@ -91,9 +91,9 @@ def test_blend_weights_one_to_zero_reproduce_the_single_style_result(vgg, conten
         content,
         [
             GlobalStyle(style, weight=20 * 1.0),
-            LocalStyle(style, weight=5e-5 * 1.0),
+            LocalStyle(style, weight=2.5e-5 * 1.0),
             GlobalStyle(other_style, weight=20 * 0.0),
-            LocalStyle(other_style, weight=5e-5 * 0.0),
+            LocalStyle(other_style, weight=2.5e-5 * 0.0),
         ],
         settings,
     )
@@ -285,7 +285,7 @@ def test_the_default_start_is_the_recoloured_content_and_random_is_noise(vgg, co
     torch.testing.assert_close(start, recolour(content, [(style, 2.0, None, None)]))
     assert starting_image(content, terms, "content") is content
     assert starting_image(content, terms, "random") is None
-    # A term's weight counts relative to its kind's default: a2 = 5e-5 weighs as much as a1 = 20.
+    # A term's weight counts relative to its kind's default: a2 = 2.5e-5 weighs as much as a1 = 20.
     mixed = starting_image(content, [GlobalStyle(style), LocalStyle(other_style)], "recolored")
     torch.testing.assert_close(mixed, recolour(content, [(style, 1.0, None, None), (other_style, 1.0, None, None)]))
     # The first level starts from it, at the level's size; each later level from the one before (carry_up).

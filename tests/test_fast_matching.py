@@ -25,9 +25,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def true_scores(query, style, size=3, stride=1):
+def true_scores(query, style, size=3, stride=1, metric="correlation"):
+    """Higher is nearer: <q, s> / |s|, or minus the squared distance (from ``torch.cdist``)."""
     q = F.unfold(query.double(), size, stride=stride)[0].T
     s = F.unfold(style.double(), size, stride=stride)[0].T
+    if metric == "distance":
+        return -torch.cdist(q, s).square()
     return q @ s.T / s.norm(dim=1).clamp_min(1e-8)
 
 
@@ -37,28 +40,36 @@ def vgg_features(seed, shape=(40, 48), layer="relu3_1"):
         return tiny_vgg("vgg19", width=4)(smooth_image(*shape, seed=seed), [layer])[layer]
 
 
+METRICS = pytest.mark.parametrize("metric", ["correlation", "distance"])
+
+
 @pytest.mark.parametrize("max_scores", [300, 1 << 24])  # a small budget forces many query bands
 @pytest.mark.parametrize("stride", [1, 2])
-def test_fast_equals_exact_when_the_candidates_cover_every_style_patch(max_scores, stride):
+@METRICS
+def test_fast_equals_exact_when_the_candidates_cover_every_style_patch(max_scores, stride, metric):
     torch.manual_seed(0)
-    query, style = torch.randn(1, 5, 11, 9), torch.randn(1, 5, 10, 13)
-    found = M.projected_nearest_patches(query, style, 3, stride, dims=4, candidates=1000, max_scores=max_scores)
-    assert torch.equal(found, M.nearest_patches(query, style, 3, stride))
+    query, style = torch.randn(1, 5, 11, 9), torch.randn(1, 5, 10, 13) * torch.linspace(0.2, 3, 13)
+    found = M.projected_nearest_patches(
+        query, style, 3, stride, dims=4, candidates=1000, max_scores=max_scores, metric=metric
+    )
+    assert torch.equal(found, M.nearest_patches(query, style, 3, stride, metric=metric))
 
 
-def test_fast_equals_exact_when_the_projection_keeps_every_dimension():
+@METRICS
+def test_fast_equals_exact_when_the_projection_keeps_every_dimension(metric):
     torch.manual_seed(1)
-    query, style = torch.randn(1, 4, 9, 10), torch.randn(1, 4, 12, 8)  # 36 dimensions per patch
-    found = M.projected_nearest_patches(query, style, dims=36, candidates=1)
-    assert torch.equal(found, M.nearest_patches(query, style))
+    query, style = torch.randn(1, 4, 9, 10), torch.randn(1, 4, 12, 8) * torch.linspace(0.2, 3, 8)  # 36 dimensions
+    found = M.projected_nearest_patches(query, style, dims=36, candidates=1, metric=metric)
+    assert torch.equal(found, M.nearest_patches(query, style, metric=metric))
 
 
 @pytest.mark.parametrize("max_scores", [256 * 640, 1 << 24])  # bands of 640 style patches; one band and a tail
-def test_fast_equals_exact_on_a_style_long_enough_for_the_two_stage_top_k(max_scores):
+@METRICS
+def test_fast_equals_exact_on_a_style_long_enough_for_the_two_stage_top_k(max_scores, metric):
     torch.manual_seed(3)
     query, style = torch.randn(1, 4, 20, 24), torch.randn(1, 4, 47, 53)  # 2295 style patches of 36 dimensions
-    found = M.projected_nearest_patches(query, style, dims=36, candidates=2, max_scores=max_scores)
-    assert torch.equal(found, M.nearest_patches(query, style))
+    found = M.projected_nearest_patches(query, style, dims=36, candidates=2, max_scores=max_scores, metric=metric)
+    assert torch.equal(found, M.nearest_patches(query, style, metric=metric))
 
 
 @pytest.mark.parametrize("candidates", [1, 3, 50])
@@ -83,11 +94,12 @@ def test_fast_returns_valid_indices_honouring_style_eligibility(candidates):
         assert torch.equal(found, M.nearest_patches(query, style, style_eligible=eligible))
 
 
-def test_fast_finds_a_near_best_patch_for_most_queries():
+@METRICS
+def test_fast_finds_a_near_best_patch_for_most_queries(metric):
     query, style = vgg_features(seed=3), vgg_features(seed=4)  # 16 channels: 144 dimensions per patch
-    scores = true_scores(query, style)
+    scores = true_scores(query, style, metric=metric)
     best = scores.max(1).values
-    found = M.projected_nearest_patches(query, style, dims=16, candidates=8)
+    found = M.projected_nearest_patches(query, style, dims=16, candidates=8, metric=metric)
     got = scores.gather(1, found[:, None])[:, 0]
     close = got >= best - 0.01 * best.abs()
     assert close.float().mean() >= 0.9, f"only {close.float().mean():.0%} within 1% of the best score"
@@ -217,16 +229,17 @@ def test_the_matchers_are_the_names_settings_accept():
 
 
 @pytest.mark.parametrize("name", sorted(M.MATCHERS))
-def test_every_matcher_follows_the_protocol(name):
-    # Built as cls(style, size, stride, eligible), called as search(query, previous) -> style indices: the
-    # exact one equals a brute-force search whatever ``previous`` is; the fast one finds good eligible patches
+@METRICS
+def test_every_matcher_follows_the_protocol(name, metric):
+    # Built as cls(style, size, stride, eligible, metric=...), called as search(query, previous) -> style indices:
+    # the exact one equals a brute-force search whatever ``previous`` is; the fast one finds good eligible patches
     # and, given its last match, never returns a worse one.
     query, style = vgg_features(seed=21), vgg_features(seed=22)
-    scores = true_scores(query, style)
+    scores = true_scores(query, style, metric=metric)
     eligible = torch.rand(scores.shape[1], generator=torch.Generator().manual_seed(1)) < 0.5
     brute = scores.masked_fill(~eligible, -float("inf")).argmax(1)
     best = scores.gather(1, brute[:, None])[:, 0]
-    search = M.MATCHERS[name](style, 3, 1, eligible)
+    search = M.MATCHERS[name](style, 3, 1, eligible, metric=metric)
     previous = None
     for _ in range(2 * M.FULL_SEARCH_EVERY):
         found = search(query, previous)
@@ -306,14 +319,30 @@ def test_exact_matching_every_evaluation_still_runs():
 
 
 @cuda
-def test_cuda_fast_search_under_autocast_agrees_with_float32():
+@METRICS
+def test_cuda_fast_search_under_autocast_agrees_with_float32(metric):
     query, style = vgg_features(seed=3).cuda(), vgg_features(seed=4).cuda()
     eligible = torch.rand(8 * 10, generator=torch.Generator().manual_seed(0)) < 0.5
     eligible = eligible.cuda()
-    plain = M.projected_nearest_patches(query, style, style_eligible=eligible, dims=16, candidates=8)
+    kw = dict(style_eligible=eligible, dims=16, candidates=8, metric=metric)
+    plain = M.projected_nearest_patches(query, style, **kw)
     with precision.autocast(torch.device("cuda"), torch.float16):
-        half = M.projected_nearest_patches(query.half(), style, style_eligible=eligible, dims=16, candidates=8)
-        exact = M.nearest_patches(query.half(), style, style_eligible=eligible)
+        half = M.projected_nearest_patches(query.half(), style, **kw)
+        exact = M.nearest_patches(query.half(), style, style_eligible=eligible, metric=metric)
     assert eligible[half].all()
     assert (half == plain).float().mean() > 0.95
-    assert torch.equal(exact, M.nearest_patches(query, style, style_eligible=eligible))
+    assert torch.equal(exact, M.nearest_patches(query, style, style_eligible=eligible, metric=metric))
+
+
+@METRICS
+def test_fast_search_under_cpu_bfloat16_autocast_finds_near_best_patches(metric):
+    # the candidate scores run in bfloat16 there (8 bits of mantissa); the "distance" scores are kept of the order
+    # of 1 (the style's unit) so they lose no more than the correlation's; the exact re-ranking stays float32
+    query, style = vgg_features(seed=3), vgg_features(seed=4)
+    scores = true_scores(query, style, metric=metric)
+    best = scores.max(1).values
+    with torch.autocast("cpu", torch.bfloat16):
+        found = M.projected_nearest_patches(query, style, dims=16, candidates=8, metric=metric)
+    got = scores.gather(1, found[:, None])[:, 0]
+    close = got >= best - 0.01 * best.abs()
+    assert close.float().mean() >= 0.9, f"only {close.float().mean():.0%} within 1% of the best score"

@@ -1,6 +1,6 @@
 """The chunked computations of the patch search equal direct ones, chunk boundaries and ties included: the exact
-search against a brute-force search, the fast search's patch products against unfolded patches, its two-stage
-top-k against ``torch.topk``."""
+search against a brute-force search (both metrics: correlation, and distance against ``torch.cdist``), the fast
+search's patch products against unfolded patches, its two-stage top-k against ``torch.topk``."""
 
 import pytest
 import torch
@@ -10,10 +10,11 @@ from fusion_core.functional import positions_last
 from fusion_core.matching import _patch_dots, _top_candidates, nearest_patches
 
 
-def brute_force(query, style, size, stride, eligible=None):
+def brute_force(query, style, size, stride, eligible=None, metric="correlation"):
     q = F.unfold(query, size, stride=stride)[0].T.double()
     s = F.unfold(style, size, stride=stride)[0].T.double()
-    scores = q @ s.T / s.norm(dim=1).clamp_min(1e-8)
+    # the nearest in squared distance is computed as distances
+    scores = q @ s.T / s.norm(dim=1).clamp_min(1e-8) if metric == "correlation" else -torch.cdist(q, s).square()
     if eligible is not None:
         scores[:, ~eligible] = -float("inf")
     return scores.argmax(dim=1)  # the first of equal maxima
@@ -21,11 +22,40 @@ def brute_force(query, style, size, stride, eligible=None):
 
 @pytest.mark.parametrize("max_scores", [1, 7, 50, 1 << 24])  # 1 and 7 force one-row bands everywhere
 @pytest.mark.parametrize("stride", [1, 2])
-def test_chunked_search_equals_brute_force(max_scores, stride):
+@pytest.mark.parametrize("metric", ["correlation", "distance"])
+def test_chunked_search_equals_brute_force(max_scores, stride, metric):
     torch.manual_seed(0)
-    query, style = torch.randn(1, 5, 11, 9), torch.randn(1, 5, 10, 13)
-    found = nearest_patches(query, style, 3, stride, max_scores=max_scores)
-    assert torch.equal(found, brute_force(query, style, 3, stride))
+    # style patches of unequal strength, so the two metrics disagree on many queries
+    query, style = torch.randn(1, 5, 11, 9), torch.randn(1, 5, 10, 13) * torch.linspace(0.2, 3, 13)
+    found = nearest_patches(query, style, 3, stride, max_scores=max_scores, metric=metric)
+    assert torch.equal(found, brute_force(query, style, 3, stride, metric=metric))
+
+
+def test_the_metrics_disagree_where_the_style_patches_differ_in_strength():
+    torch.manual_seed(0)
+    query, style = torch.randn(1, 5, 11, 9), torch.randn(1, 5, 10, 13) * torch.linspace(0.2, 3, 13)
+    correlation, distance = (nearest_patches(query, style, metric=m) for m in ("correlation", "distance"))
+    assert (correlation != distance).float().mean() > 0.3
+
+
+def test_distance_matches_a_faint_patch_to_a_faint_stroke_not_to_a_strong_motif():
+    # Style: a strong "eye" (pattern p at strength 10) and a faint stroke of a nearby pattern (0.9 p + 0.1 n at
+    # strength 1). Query: p at strength 1. Correlation picks the eye (the same pattern), distance the stroke.
+    generator = torch.Generator().manual_seed(5)
+    pattern = torch.randn(4, 3, 3, generator=generator)
+    other = torch.randn(4, 3, 3, generator=generator)
+    stroke = 0.9 * pattern + 0.1 * other * pattern.norm() / other.norm()
+    style = torch.zeros(1, 4, 3, 9)
+    style[0, :, :, 0:3], style[0, :, :, 6:9] = 10 * pattern, stroke
+    query = pattern[None]
+    eye, faint = 0, 6  # the style patches' indices (one row of 7)
+    assert nearest_patches(query, style, metric="correlation").item() == eye
+    assert nearest_patches(query, style, metric="distance").item() == faint
+
+
+def test_an_unknown_metric_is_refused():
+    with pytest.raises(ValueError, match="metric"):
+        nearest_patches(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), metric="cosine")
 
 
 @pytest.mark.parametrize("max_scores", [1, 30, 1 << 24])
@@ -41,14 +71,15 @@ def test_ties_go_to_the_lowest_index_across_chunks(max_scores):
     assert ((found % cols) < 6).all(), "a duplicate in a later band won a tie"
 
 
-def test_style_eligibility_limits_candidates():
+@pytest.mark.parametrize("metric", ["correlation", "distance"])
+def test_style_eligibility_limits_candidates(metric):
     torch.manual_seed(2)
     query, style = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 9, 9)
     eligible = torch.zeros(49, dtype=torch.bool)
     eligible[torch.randperm(49)[:5]] = True
-    found = nearest_patches(query, style, 3, 1, style_eligible=eligible, max_scores=16)
+    found = nearest_patches(query, style, 3, 1, style_eligible=eligible, max_scores=16, metric=metric)
     assert eligible[found].all()
-    assert torch.equal(found, brute_force(query, style, 3, 1, eligible))
+    assert torch.equal(found, brute_force(query, style, 3, 1, eligible, metric))
 
 
 def direct_dots(query, style, q_index, s_index, size, stride):

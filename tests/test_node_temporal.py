@@ -29,7 +29,7 @@ def library(vgg, frames, style_image, video, previous=None):
     style = style_image.movedim(-1, 1).contiguous()
     terms = [
         GlobalStyle(style, weight=20.0, layers=("relu1_2", "relu2_2", "relu3_3")),
-        LocalStyle(style, weight=5e-5),
+        LocalStyle(style, weight=2.5e-5),
     ]
     settings = Settings(**OPTIMIZE)
     clip = [frame[None].movedim(-1, 1).contiguous() for frame in frames]

@@ -76,7 +76,7 @@ def library_result(vgg, content_image, style_image, *, mask=None, style_scale=1.
             style, weight=20.0, layers=("relu1_2", "relu2_2", "relu3_3"), target_mask=target_mask, scale=style_scale
         ),
         LocalStyle(
-            style, weight=5e-5, layer="relu3_1", patch_size=3, stride=1, target_mask=target_mask, scale=style_scale
+            style, weight=2.5e-5, layer="relu3_1", patch_size=3, stride=1, target_mask=target_mask, scale=style_scale
         ),
     ]
     image = stylize(vgg, as_library_image(content_image), terms, Settings(**{**OPTIMIZE, **settings}))
@@ -245,7 +245,7 @@ def test_local_loss_makes_a_term():
 def test_style_batch_blends_equally():
     terms = loss_chain(comfy_images(3, 40, 32, seed=1))
     assert [type(t).__name__ for t in terms] == ["GlobalStyle"] * 3 + ["LocalStyle"] * 3
-    assert [t.weight for t in terms] == [20.0] * 3 + [5e-5] * 3
+    assert [t.weight for t in terms] == [20.0] * 3 + [2.5e-5] * 3
     assert blend_shares(terms) == pytest.approx([1 / 3] * 6)  # the run's share of each kind's weight
     assert len({id(t.image) for t in terms[:3]}) == 3
 
@@ -260,7 +260,7 @@ def test_blend_shares_the_weight_with_the_batch_split():
     a = loss_chain(comfy_images(1, 40, 32, seed=1), blend=0.7)
     ab = loss_chain(comfy_images(2, 40, 32, seed=2), blend=0.3, style_losses=a)
     assert [t.blend for t in ab] == pytest.approx([0.7, 0.7, 0.15, 0.15, 0.15, 0.15])
-    assert [t.weight for t in ab] == [20.0, 5e-5, 20.0, 20.0, 5e-5, 5e-5]
+    assert [t.weight for t in ab] == [20.0, 2.5e-5, 20.0, 20.0, 2.5e-5, 2.5e-5]
     assert blend_shares(ab) == pytest.approx([0.7, 0.7, 0.15, 0.15, 0.15, 0.15])
     assert [t.blend for t in loss_chain(comfy_images(1, 40, 32), blend=None)] == [1.0, 1.0]  # not given: 1
     assert [t.blend for t in loss_chain(comfy_images(1, 40, 32), blend=0.0)] == [0.0, 0.0]  # a term of no weight
@@ -445,6 +445,7 @@ def test_optimize_optimiser_inputs_reach_fusion_core(fake_stylize, node_vgg, con
         "tile",
         "final_iterations",
         "match_content",
+        "match_metric",
     ):
         assert getattr(omitted, name) == getattr(defaults, name), name
     assert (omitted.local_all_levels, omitted.global_layers) == (False, None)  # no preset input: the default one
@@ -459,9 +460,11 @@ def test_optimize_paper_preset_sets_the_widgets_left_at_their_defaults(
     settings = capture_settings(*given, init="recolored", tv_weight=10.0, preset="paper")  # the defaults
     assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("random", 0.0, True)
     assert settings.global_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_2")
-    assert settings.match_content == 0.0
+    assert (settings.match_content, settings.match_metric) == (0.0, "correlation")
     settings = capture_settings(*given, init="content", tv_weight=3.0, preset="paper", match_content=0.7)
     assert (settings.init, settings.tv_weight, settings.match_content) == ("content", 3.0, 0.7)  # the user's
+    assert capture_settings(*given, preset="default").match_metric == "distance"
+    assert capture_settings(*given, preset="default", match_metric="correlation").match_metric == "correlation"
     assert settings.local_all_levels  # the preset's, no widget
     settings = capture_settings(*given, init="content", tv_weight=3.0, preset="default", match_content=0.7)
     assert (settings.init, settings.tv_weight, settings.local_all_levels) == ("content", 3.0, False)
@@ -474,11 +477,11 @@ def test_optimize_paper_preset_sets_the_weights_left_at_their_defaults(
     fake_stylize, node_vgg, content_image, style_image
 ):
     calls = fake_stylize(optimize)
-    chain = loss_chain(style_image)  # the widgets' defaults: a1 20, a2 5e-5
+    chain = loss_chain(style_image)  # the widgets' defaults: a1 20, a2 2.5e-5
     changed = loss_chain(style_image)
     changed[1] = replace(changed[1], weight=3e-4)  # as if the user had typed it into the widget
     for terms, preset, expected in (
-        (chain, "default", (20.0, 5e-5)),
+        (chain, "default", (20.0, 2.5e-5)),
         (chain, "paper", (20.0, 1e-4)),
         (changed, "paper", (20.0, 3e-4)),
     ):

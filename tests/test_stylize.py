@@ -218,6 +218,7 @@ def test_zero_weight_terms_are_left_out(vgg, images):
         (dict(local_all_levels=1), "local_all_levels: expected True or False, got 1"),
         (dict(match_content=1.5), "match_content: expected a number from 0 to 1, got 1.5"),
         (dict(match_content=True), "match_content: expected a number from 0 to 1, got True"),
+        (dict(match_metric="cosine"), "match_metric: 'cosine' is not one of distance, correlation"),
     ],
 )
 def test_bad_settings(vgg, images, change, message):
@@ -337,12 +338,13 @@ def test_the_paper_preset_sets_back_what_the_defaults_change():
     assert (paper.init, paper.tv_weight, paper.local_all_levels) == ("random", 0.0, True)
     assert paper.global_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_2")  # the paper's Gram layers
     assert paper.match_content == 0.0  # the nearest patches of the output alone
+    assert (paper.match_metric, default.match_metric) == ("correlation", "distance")  # Li and Wand's, ours
     assert (default.init, default.local_all_levels, default.global_layers) == ("recolored", False, None)
     assert default.tv_weight > 0 and default.match_content > 0
     assert (paper.content_weight, paper.iterations, paper.final_iterations) == (20.0, 100, 0)  # a3, the schedule
     assert (paper.content_layer, default.content_layer) == ("relu3_1", "relu4_2")  # the paper's, Gatys et al.'s
     changed = ("init", "tv_weight", "local_all_levels", "global_layers", "match_content", "content_weight")
-    changed += ("content_layer",)
+    changed += ("content_layer", "match_metric")
     changed += ("iterations", "final_iterations")
     same = {k for k in vars(default) if k not in changed}
     assert all(getattr(paper, k) == getattr(default, k) for k in same)
