@@ -57,6 +57,14 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
 
 
+def _score_terms(norms: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """Per style patch of norm ``norms``, the (scale, shift) of its exact score <q, s> * scale + shift under
+    ``metric``: correlation 1/|s| and 0, distance 1 and -|s|^2/2."""
+    if metric == "correlation":
+        return 1.0 / norms.clamp_min(1e-8), torch.zeros_like(norms)
+    return torch.ones_like(norms), -0.5 * norms.square()
+
+
 def _band_rows(cols: int, max_patches: int) -> int:
     return max(1, max_patches // max(cols, 1))
 
@@ -81,12 +89,7 @@ def nearest_patches(
         query, style = query.float(), style.float()
         q_rows, q_cols = patch_grid(query.shape[-2], query.shape[-1], size, stride)
         s_rows, s_cols = patch_grid(style.shape[-2], style.shape[-1], size, stride)
-        norms = patch_norms(style, size, stride)
-        # score = <q, s> * scale + shift per style patch: correlation 1/|s| and 0, distance 1 and -|s|^2/2
-        if metric == "correlation":
-            scale, shift = 1.0 / norms.clamp_min(1e-8), torch.zeros_like(norms)
-        else:
-            scale, shift = torch.ones_like(norms), -0.5 * norms.square()
+        scale, shift = _score_terms(patch_norms(style, size, stride), metric)
         if style_eligible is not None:
             shift = torch.where(style_eligible, shift, torch.full_like(shift, float("nan")))
         # Query bands of ~sqrt(max_scores) patches, style bands filling the rest of the budget.
@@ -280,11 +283,7 @@ class ProjectedSearch:
             if len(self.eligible) == 0:
                 raise ValueError("style_eligible: no style patch is eligible")
             self.candidates = min(candidates, len(self.eligible))
-            # exact score = <q, s> * scale + shift, per style patch (as in ``nearest_patches``)
-            if metric == "correlation":
-                self.scale, self.shift = 1.0 / norms.clamp_min(1e-8), torch.zeros_like(norms)
-            else:
-                self.scale, self.shift = torch.ones_like(norms), -0.5 * norms.square()
+            self.scale, self.shift = _score_terms(norms, metric)  # the exact score, as in ``nearest_patches``
             generator = torch.Generator().manual_seed(0)
             pick = torch.randperm(len(self.eligible), generator=generator)[:samples].to(self.eligible.device)
             self.style_rows, self.style_shape = positions_last(self.style), tuple(self.style.shape[-2:])
@@ -293,12 +292,11 @@ class ProjectedSearch:
             # A projection of every patch of a map is a convolution with the directions as kernels.
             self.kernels = basis.T.reshape(-1, self.style.shape[1], size, size).contiguous()
             projected = self._project(self.style)[self.eligible]
-            # the unit of the "distance" search's projected scores: the eligible style patches' mean norm
-            self.unit = norms[self.eligible].mean().clamp_min(1e-8)
             if metric == "correlation":
                 self.projected = projected * self.scale[self.eligible, None]  # (N_eligible, d)
-                self.projected_shift = None
             else:
+                # the unit of the projected scores: the eligible style patches' mean norm
+                self.unit = norms[self.eligible].mean().clamp_min(1e-8)
                 self.projected = projected / self.unit
                 self.projected_shift = -0.5 * (norms[self.eligible] / self.unit).square()  # (N_eligible,)
             self.is_eligible = eligible
@@ -333,7 +331,7 @@ class ProjectedSearch:
         with precision.float32_region(query.device):
             query = query.float()
             projected = self._project(query)
-            if self.projected_shift is None:
+            if self.metric == "correlation":
                 # Each query row scaled to unit length: the order within a row is unchanged and the
                 # scores stay in [-1, 1], safe for 16-bit floats under autocast.
                 projected = projected / projected.norm(dim=1, keepdim=True).clamp_min(1e-8)
@@ -352,7 +350,7 @@ class ProjectedSearch:
             top_score = top_index = None
             for s_start in range(0, n_style, s_band):
                 scores = q @ self.projected[s_start : s_start + s_band].T  # 16-bit under autocast
-                if self.projected_shift is not None:
+                if self.metric == "distance":
                     scores = scores.float() + self.projected_shift[s_start : s_start + s_band]
                 score, index = _top_candidates(scores, self.candidates)
                 score, index = score.float(), index + s_start

@@ -197,48 +197,28 @@ def test_preset_and_explicit_flags_reach_the_settings(files, fake_stylize, flags
 
 
 @pytest.mark.parametrize(
-    ("flags", "expected"),
+    ("field", "flags", "expected"),
     [
-        ([], Settings().match_content),
-        (["--match-content", "0.8"], 0.8),
-        (["--preset", "paper"], 0.0),
-        (["--preset", "paper", "--match-content", "0.25"], 0.25),
+        ("match_content", [], Settings().match_content),
+        ("match_content", ["--match-content", "0.8"], 0.8),
+        ("match_content", ["--preset", "paper"], 0.0),
+        ("match_content", ["--preset", "paper", "--match-content", "0.25"], 0.25),
+        ("match_metric", [], "distance"),
+        ("match_metric", ["--match-metric", "correlation"], "correlation"),
+        ("match_metric", ["--preset", "paper"], "correlation"),
+        ("match_metric", ["--preset", "paper", "--match-metric", "distance"], "distance"),
+        ("content_layer", [], "relu4_2"),
+        ("content_layer", ["--content-layer", "relu3_1"], "relu3_1"),
+        ("content_layer", ["--preset", "paper"], "relu3_1"),
+        ("content_layer", ["--preset", "paper", "--content-layer", "relu5_1"], "relu5_1"),
     ],
 )
-def test_match_content_reaches_the_settings_and_the_paper_preset_sets_it_to_zero(files, fake_stylize, flags, expected):
+def test_a_settings_flag_reaches_the_settings_and_the_paper_preset_sets_its_own(
+    files, fake_stylize, field, flags, expected
+):
     captured = fake_stylize(cli)
     assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
-    assert captured[0].match_content == expected
-
-
-@pytest.mark.parametrize(
-    ("flags", "expected"),
-    [
-        ([], "distance"),
-        (["--match-metric", "correlation"], "correlation"),
-        (["--preset", "paper"], "correlation"),
-        (["--preset", "paper", "--match-metric", "distance"], "distance"),
-    ],
-)
-def test_match_metric_reaches_the_settings_and_the_paper_preset_sets_correlation(files, fake_stylize, flags, expected):
-    captured = fake_stylize(cli)
-    assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
-    assert captured[0].match_metric == expected
-
-
-@pytest.mark.parametrize(
-    ("flags", "expected"),
-    [
-        ([], "relu4_2"),
-        (["--content-layer", "relu3_1"], "relu3_1"),
-        (["--preset", "paper"], "relu3_1"),
-        (["--preset", "paper", "--content-layer", "relu5_1"], "relu5_1"),
-    ],
-)
-def test_content_layer_reaches_the_settings_and_the_paper_preset_sets_its_own(files, fake_stylize, flags, expected):
-    captured = fake_stylize(cli)
-    assert run(files, "--style", str(files / "style.png"), "--out", str(files / "o.png"), "--quiet", *flags) == 0
-    assert captured[0].content_layer == expected
+    assert getattr(captured[0], field) == expected
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from helpers import smooth_image, tiny_vgg
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, precision
 from fusion_core import matching as M
-from fusion_core.config import MATCHER_NAMES, preset
+from fusion_core.config import MATCH_METRICS, MATCHER_NAMES, preset
 from fusion_core.losses import PatchLoss
 from fusion_core.stylize import stylize
 
@@ -226,6 +226,10 @@ def test_defaults_use_the_fast_search_and_the_exact_one_stays_available():
 
 def test_the_matchers_are_the_names_settings_accept():
     assert sorted(M.MATCHERS) == sorted(MATCHER_NAMES)
+
+
+def test_the_metrics_are_the_names_settings_accept():
+    assert sorted(M.METRICS) == sorted(MATCH_METRICS)
 
 
 @pytest.mark.parametrize("name", sorted(M.MATCHERS))
