@@ -2,7 +2,9 @@
 
     PYTHONPATH=. python benchmarks/video.py --frames 30 --size 256                 # the synthetic clip, both modes
     PYTHONPATH=. python benchmarks/video.py --weights-sweep 0 50 200 1000          # temporal weights on it
-    PYTHONPATH=. python benchmarks/video.py --frames 120 --modes temporal          # drift over a long clip
+    PYTHONPATH=. python benchmarks/video.py --frames 120 --modes temporal --there-and-back   # drift, long clip
+    PYTHONPATH=. python benchmarks/video.py --frames 120 --modes temporal          # drift on a one-way pan ...
+    PYTHONPATH=. python benchmarks/video.py --frames 120 --modes independent --independent-ends   # ... its reference
     PYTHONPATH=. python benchmarks/video.py --write-example example_images/pan_clip.mp4   # the workflows' clip
 
 The synthetic clip has an exact flow and exact occlusions: a camera pan over a photo (the frame is a window moving
@@ -12,8 +14,12 @@ between a frame and the previous one warped into it, RGB in 0..1), with the *exa
 method's own flow is DIS, or RAFT: never the judge), the input clip's own warping error (the floor), per frame the
 style SWD, content distance and palette distance (benchmarks/metrics.py) and sharpness (mean gradient magnitude),
 their means and the first ten frames' against the last ten's, seconds per frame and the flow's share of the later
-frames' time. Frames and a temporal slice
-(one image row over time) are written to ``--out`` to look at.
+frames' time. Frames and a temporal slice (one image row over time) are written to ``--out`` to look at.
+
+Drift (the last ten frames' numbers against the first ten's): on a one-way pan the two ends show different parts of
+the picture (the pan moves on, the mover leaves), so their numbers differ without any drift; ``--there-and-back``
+turns camera and mover back halfway, so the two ends are the same pictures and any change is drift. On a one-way
+clip, ``--independent-ends`` stylises just its first and last ten frames on their own: the clip's own change.
 """
 
 from __future__ import annotations
@@ -44,26 +50,35 @@ from fusion_core.video import LATER_ITERATIONS, TEMPORAL_WEIGHT, VideoSettings, 
 
 SHARED = ROOT.parent / "shared"
 PAIRS = ROOT / "benchmarks" / "pairs"
+ENDS = 10  # frames at each end of a clip whose means are compared (drift)
 
 
 def synthetic_clip(
-    background: torch.Tensor, mover: torch.Tensor, frames: int, shape: tuple[int, int]
+    background: torch.Tensor,
+    mover: torch.Tensor,
+    frames: int,
+    shape: tuple[int, int],
+    there_and_back: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Frames of ``shape`` panning over ``background`` (0.7 px right, 0.4 px down per frame) with ``mover`` (a
     third of the frame's height) sliding left across them at 2.3 px per frame; for each frame after the first its
     exact backward flow (to the frame before) and where the frame before shows the same point (1) or the mover
-    hid or revealed it (0)."""
+    hid or revealed it (0). ``there_and_back``: camera and mover turn back halfway, so frame t and frame
+    ``frames - 1 - t`` are the same picture (a long clip whose two ends can be compared for drift)."""
     h, w = shape
     pan, slide = torch.tensor([0.7, 0.4]), torch.tensor([-2.3, 0.0])
-    big = resize(background, (h + int(frames * 0.4) + 8, w + int(frames * 0.7) + 8))
+    # how many steps along the way each frame is
+    steps = [min(t, frames - 1 - t) if there_and_back else t for t in range(frames)]
+    reach = max(steps) + 1
+    big = resize(background, (h + int(reach * 0.4) + 8, w + int(reach * 0.7) + 8))
     side = h // 3
     patch = resize(mover, (side, side))
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     clip, flows, masks = [], [], []
-    for t in range(frames):
-        offset = 2 + t * pan  # the window's top-left corner in the big picture (x, y)
+    for t, step in enumerate(steps):
+        offset = 2 + step * pan  # the window's top-left corner in the big picture (x, y)
         frame = warp(big, offset.view(1, 2, 1, 1).expand(1, 2, *big.shape[-2:]))[..., :h, :w]
-        corner = torch.tensor([w - side - 4, h // 3]) + t * slide  # the mover's top-left corner (x, y)
+        corner = torch.tensor([w - side - 4, h // 3]) + step * slide  # the mover's top-left corner (x, y)
         inside = _inside(xs, ys, corner, side)
         moved = F.grid_sample(
             patch,
@@ -75,8 +90,11 @@ def synthetic_clip(
         frame = torch.where(inside, moved, frame)
         clip.append(frame.clamp(0, 1))
         if t > 0:
-            flow = torch.where(inside, -slide[:, None, None], pan[:, None, None].expand(2, h, w))[None]
-            before_corner = corner - slide
+            moving = step - steps[t - 1]  # +1 out, -1 back, 0 at the turn
+            flow = torch.where(inside, -moving * slide[:, None, None], moving * pan[:, None, None].expand(2, h, w))[
+                None
+            ]
+            before_corner = corner - moving * slide
             # where the point was in the frame before, and what the frame before showed there
             bx, by = xs + flow[0, 0], ys + flow[0, 1]
             was_inside = _inside(bx, by, before_corner, side)
@@ -201,6 +219,18 @@ def main() -> None:
     parser.add_argument("--temporal-weight", type=float, default=TEMPORAL_WEIGHT)
     parser.add_argument("--later-iters", type=int, default=LATER_ITERATIONS)
     parser.add_argument("--weights-sweep", type=float, nargs="*", default=[], help="temporal mode at these weights")
+    parser.add_argument(
+        "--there-and-back",
+        action="store_true",
+        help="the synthetic clip's camera and mover turn back halfway: its first and last frames are the same "
+        "pictures, so their numbers differ only by drift",
+    )
+    parser.add_argument(
+        "--independent-ends",
+        action="store_true",
+        help=f"the independent mode stylises only the first and last {ENDS} frames (the drift's reference; no "
+        "warping error)",
+    )
     parser.add_argument("--flow", default="auto", help="the method's flow (the judge uses the exact one)")
     parser.add_argument("--out", default="/tmp/fusion_style_video")
     parser.add_argument(
@@ -231,14 +261,16 @@ def main() -> None:
         clip = read_frames(args.clip, args.frames, shape)
         flows, masks = farneback_flows(clip)
     else:
-        clip, flows, masks = synthetic_clip(load_image(args.background), load_image(args.mover), args.frames, shape)
+        clip, flows, masks = synthetic_clip(
+            load_image(args.background), load_image(args.mover), args.frames, shape, args.there_and_back
+        )
     settings = Settings(size=args.size)
     terms = [GlobalStyle(style), LocalStyle(style)]
     flow = flow_estimator(args.flow)
     runs = [(mode, args.temporal_weight) for mode in args.modes]
     runs += [("temporal", weight) for weight in args.weights_sweep]
     results = {
-        "clip": args.clip or "synthetic",
+        "clip": args.clip or ("synthetic, there and back" if args.there_and_back else "synthetic"),
         "input_warping_error": warping_error(clip, flows, masks),
         "frames": len(clip),
         "size": args.size,
@@ -248,16 +280,18 @@ def main() -> None:
     clips: dict[str, list[torch.Tensor]] = {}
     for mode, weight in runs:
         video = VideoSettings(temporal_weight=weight, later_iterations=args.later_iters, independent=mode != "temporal")
+        ends_only = video.independent and args.independent_ends and len(clip) > 2 * ENDS
+        frames = clip[:ENDS] + clip[-ENDS:] if ends_only else clip
         made, seconds = [], []
         timed = TimedFlow(flow)
         start = time.perf_counter()
-        for image in stylize_frames(vgg, clip, terms, settings, video, flow=timed):
+        for image in stylize_frames(vgg, frames, terms, settings, video, flow=timed):
             made.append(image)
             seconds.append(time.perf_counter() - start)
             start = time.perf_counter()
-        name = mode if mode != "temporal" else f"temporal_w{weight:g}"
+        name = (mode + "_ends" if ends_only else mode) if mode != "temporal" else f"temporal_w{weight:g}"
         per_frame = []
-        for frame, image in zip(clip, made, strict=True):
+        for frame, image in zip(frames, made, strict=True):
             small = resize(image, fit_longest(*image.shape[-2:], 256))
             numbers = metrics.evaluate(vgg, small, frame, style)
             per_frame.append(
@@ -273,13 +307,13 @@ def main() -> None:
             return sum(p[key] for p in part) / len(part)
 
         record = {
-            "warping_error": warping_error(made, flows, masks),
+            "warping_error": None if ends_only else warping_error(made, flows, masks),
             "first_frame_s": seconds[0],
             "later_frame_s": sum(seconds[1:]) / max(1, len(seconds) - 1),
             "flow_share": timed.seconds / max(sum(seconds[1:]), 1e-9),  # of the later frames' time
             **{key: mean(key, per_frame) for key in per_frame[0]},
-            "first_ten": {key: mean(key, per_frame[:10]) for key in per_frame[0]},
-            "last_ten": {key: mean(key, per_frame[-10:]) for key in per_frame[0]},
+            "first_ten": {key: mean(key, per_frame[:ENDS]) for key in per_frame[0]},
+            "last_ten": {key: mean(key, per_frame[-ENDS:]) for key in per_frame[0]},
         }
         results[name] = record
         to_pil(temporal_slice(made)).save(out / f"slice_{name}.png")

@@ -5,10 +5,10 @@ short-term temporal term keeps it there where the flow can be trusted:
 
     L_temporal(x) = (1 / D) * sum c * (x - warp(x_prev))^2      (D: the image's values, RGB in 0..1)
 
-with a reliability mask c that is 0 where the forward-backward check finds a disocclusion or the flow has a motion
-boundary, and 1 elsewhere (``reliability``). Flows are in pixels, (1, 2, H, W): channel 0 the horizontal
-displacement, channel 1 the vertical one; the *backward* flow of frame t gives, for each of its pixels, where that
-point was in frame t-1.
+with a reliability mask c that is 0 where the forward-backward check finds a disocclusion, where the point was
+outside the previous frame, or where the flow has a motion boundary, and 1 elsewhere (``reliability``). Flows are in
+pixels, (1, 2, H, W): channel 0 the horizontal displacement, channel 1 the vertical one; the *backward* flow of
+frame t gives, for each of its pixels, where that point was in frame t-1.
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ def warp_sharp(image: Tensor, flow: Tensor) -> Tensor:
 
 def reliability(backward: Tensor, forward: Tensor) -> Tensor:
     """The mask c (1, 1, H, W) of frame t: 0 where frame t-1 does not show the pixel (a disocclusion, by the
-    forward-backward check) or where the backward flow has a motion boundary, 1 elsewhere. ``backward``: frame t's
-    flow to t-1; ``forward``: frame t-1's flow to t."""
+    forward-backward check, or a point that was outside frame t-1: what a pan brings in at the edge) or where the
+    backward flow has a motion boundary, 1 elsewhere. ``backward``: frame t's flow to t-1; ``forward``: frame t-1's
+    flow to t."""
     _check_flow("backward", backward, backward.shape[-2:])
     _check_flow("forward", forward, backward.shape[-2:])
     back = backward.float()
@@ -99,7 +100,12 @@ def reliability(backward: Tensor, forward: Tensor) -> Tensor:
     lengths = back.square().sum(1, keepdim=True) + ahead.square().sum(1, keepdim=True)
     occluded = round_trip > OCCLUSION_SLOPE * lengths + OCCLUSION_FLOOR
     boundary = _gradient_energy(back) > BOUNDARY_SLOPE * back.square().sum(1, keepdim=True) + BOUNDARY_FLOOR
-    return (~(occluded | boundary)).float()
+    # The forward-backward check cannot see these: the warp reads the border there, so the round trip closes. Held to
+    # that border, the strip a pan brings in would stay a streak, carried on frame after frame.
+    h, w = back.shape[-2:]
+    x, y = _sample_points(back, back)
+    outside = ((x < 0) | (x > w - 1) | (y < 0) | (y > h - 1))[:, None]
+    return (~(occluded | boundary | outside)).float()
 
 
 def temporal_loss(image: Tensor, warped: Tensor, mask: Tensor) -> Tensor:

@@ -102,6 +102,19 @@ def test_the_reliability_mask_is_zero_exactly_where_a_moving_square_uncovers_the
     assert (mask[8, 10 + d : 20 + d] == 0).all() and (mask[17, 10 + d : 20 + d] == 0).all()
 
 
+def test_the_reliability_mask_is_zero_where_a_pan_brings_in_what_the_frame_before_did_not_show():
+    # A camera pan: every point of frame t was 2.5 px further right (and 1.5 px lower) in frame t-1. Columns
+    # x > w - 1 - 2.5 and rows y > h - 1 - 1.5 were outside frame t-1; the forward-backward check cannot see it (the
+    # warp reads frame t-1's border there and the round trip closes), so without its own test they would be held
+    # to the border's values.
+    h, w = 20, 24
+    mask = reliability(constant_flow(2.5, 1.5, h, w), constant_flow(-2.5, -1.5, h, w))[0, 0]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    seen = (xs + 2.5 <= w - 1) & (ys + 1.5 <= h - 1)
+    assert torch.equal(mask, seen.float())
+    assert int((mask == 0).sum()) == 3 * h + 2 * w - 6  # three columns and two rows brought in
+
+
 def test_the_temporal_terms_gradient_is_the_finite_difference():
     generator = torch.Generator().manual_seed(1)
     image, warped = torch.rand(1, 3, 6, 7, generator=generator, dtype=torch.float64), torch.rand(1, 3, 6, 7).double()
