@@ -12,9 +12,10 @@ by a known sub-pixel step over a larger picture) with a second picture moving ac
 the warping error (Lai et al. 2018: the mean over consecutive pairs of the occlusion-masked mean squared difference
 between a frame and the previous one warped into it, RGB in 0..1), with the *exact* flow and occlusions here (the
 method's own flow is DIS, or RAFT: never the judge), the input clip's own warping error (the floor), per frame the
-style SWD, content distance and palette distance (benchmarks/metrics.py) and sharpness (mean gradient magnitude),
-their means and the first ten frames' against the last ten's, seconds per frame and the flow's share of the later
-frames' time. Frames and a temporal slice (one image row over time) are written to ``--out`` to look at.
+style SWD, content distance, palette distance and SSIM to the photo (benchmarks/metrics.py) and sharpness (mean
+gradient magnitude), their means and the first ten frames' against the last ten's, seconds per frame and the flow's
+share of the later frames' time. Frames and a temporal slice (one image row over time) are written to ``--out``
+to look at.
 
 Drift (the last ten frames' numbers against the first ten's): on a one-way pan the two ends show different parts of
 the picture (the pan moves on, the mover leaves), so their numbers differ without any drift; ``--there-and-back``
@@ -299,6 +300,8 @@ def main() -> None:
                     "style_swd": float(numbers["style_swd"]),
                     "content_dist": float(numbers["content_dist"]),
                     "palette_dist": float(numbers["palette_dist"]),
+                    # the photo's structure: falls where repeated warps wear it away (style and sharpness may not)
+                    "ssim": float(numbers["ssim"]),
                     "sharpness": sharpness(image),
                 }
             )
