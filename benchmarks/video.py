@@ -92,9 +92,8 @@ def synthetic_clip(
         clip.append(frame.clamp(0, 1))
         if t > 0:
             moving = step - steps[t - 1]  # +1 out, -1 back, 0 at the turn
-            flow = torch.where(inside, -moving * slide[:, None, None], moving * pan[:, None, None].expand(2, h, w))[
-                None
-            ]
+            background = (moving * pan)[:, None, None].expand(2, h, w)
+            flow = torch.where(inside, (-moving * slide)[:, None, None], background)[None]
             before_corner = corner - moving * slide
             # where the point was in the frame before, and what the frame before showed there
             bx, by = xs + flow[0, 0], ys + flow[0, 1]
@@ -290,7 +289,7 @@ def main() -> None:
             made.append(image)
             seconds.append(time.perf_counter() - start)
             start = time.perf_counter()
-        name = (mode + "_ends" if ends_only else mode) if mode != "temporal" else f"temporal_w{weight:g}"
+        name = f"temporal_w{weight:g}" if mode == "temporal" else mode + ("_ends" if ends_only else "")
         per_frame = []
         for frame, image in zip(frames, made, strict=True):
             small = resize(image, fit_longest(*image.shape[-2:], 256))
