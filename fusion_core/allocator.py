@@ -23,6 +23,7 @@ import torch
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 RETURNED_BLOCK = 8 << 20  # blocks of this size and larger are mapped from the system in ``freed_memory_returned``
 _GLIBC_LARGEST_THRESHOLD = 32 << 20  # the largest value glibc's own adjustment gives the threshold (64-bit)
+_entered = 0  # how many ``freed_memory_returned`` regions are open: only the outermost sets and sets back
 
 
 def _glibc_function(name: str) -> Callable[..., int] | None:
@@ -66,13 +67,18 @@ def freed_memory_returned(device: torch.device, enabled: bool = True) -> Iterato
     alive at any moment, and the memory plan, which counts tensors, is exceeded (figures in BENCHMARKS.md).
     Mapping those blocks from the system costs their page faults again at each allocation, which a tiled
     level's large blocks pay anyway. The setting is the process's: on leaving, the threshold is set to the
-    largest value glibc's own adjustment gives it."""
+    largest value glibc's own adjustment gives it. Regions nest: one inside another changes nothing."""
+    global _entered
     mallopt = _mallopt() if enabled and device.type == "cpu" else None
     if mallopt is None:
         yield
         return
-    mallopt(_M_MMAP_THRESHOLD, RETURNED_BLOCK)
+    if _entered == 0:
+        mallopt(_M_MMAP_THRESHOLD, RETURNED_BLOCK)
+    _entered += 1
     try:
         yield
     finally:
-        mallopt(_M_MMAP_THRESHOLD, _GLIBC_LARGEST_THRESHOLD)
+        _entered -= 1
+        if _entered == 0:
+            mallopt(_M_MMAP_THRESHOLD, _GLIBC_LARGEST_THRESHOLD)

@@ -358,13 +358,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             models_dirs=args.models_dir,
             progress=_download_printer(args.quiet),
         ).to(device)
-        if clip:
-            _stylize_clip(args, vgg, content, styles, settings, device)
-        else:
-            on_progress = _saver(args.out, args.save_every, _progress_printer(args.quiet))
-            # the command line owns its process: levels in tiles may change its allocator's setting (allocator.py)
-            image = stylize(vgg, content, styles, settings, on_progress=on_progress, tiled_level=freed_memory_returned)
-            save_image(image, args.out)
+        # The command line owns its process, so it may change its allocator's setting (allocator.py): around levels
+        # in tiles, and with a memory budget around the whole run, since the budget is a promise about resident
+        # memory and the C allocator's heaps can keep what whole levels free beyond what the plan counts.
+        with freed_memory_returned(device, enabled=settings.max_memory > 0):
+            if clip:
+                _stylize_clip(args, vgg, content, styles, settings, device)
+            else:
+                on_progress = _saver(args.out, args.save_every, _progress_printer(args.quiet))
+                image = stylize(
+                    vgg, content, styles, settings, on_progress=on_progress, tiled_level=freed_memory_returned
+                )
+                save_image(image, args.out)
     except FusionError as error:
         print(f"fusion-style: error: {error}", file=sys.stderr)
         return 2

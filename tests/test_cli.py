@@ -148,6 +148,30 @@ def test_tile_and_final_iterations_flags_reach_the_settings(files, fake_stylize)
     assert (captured[1].tile, captured[1].final_iterations) == (0, Settings().final_iterations)  # tiles: automatic
 
 
+def test_with_a_memory_budget_the_whole_run_returns_freed_blocks(files, monkeypatch):
+    """--max-memory promises resident memory: the command line (which owns its process) has the C allocator give
+    freed blocks back for the whole run, not only around levels in tiles, and sets the allocator back after it."""
+    from fusion_core import allocator
+
+    calls, during = [], []
+    monkeypatch.setattr(allocator, "_mallopt", lambda: lambda option, value: calls.append((option, value)) or 1)
+
+    def recording_stylize(*args, **kwargs):
+        during.append(list(calls))
+        return stylize(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "stylize", recording_stylize)
+    out, style = str(files / "budget.png"), str(files / "style.png")
+    assert run(files, "--style", style, "--out", out, "--quiet") == 0
+    assert during == [[]] and calls == []  # no budget, no level in tiles: the allocator untouched
+    assert run(files, "--style", style, "--out", out, "--quiet", "--max-memory", "2") == 0
+    assert during[1] == [(allocator._M_MMAP_THRESHOLD, allocator.RETURNED_BLOCK)]  # set before the first level
+    assert calls == [
+        (allocator._M_MMAP_THRESHOLD, allocator.RETURNED_BLOCK),
+        (allocator._M_MMAP_THRESHOLD, allocator._GLIBC_LARGEST_THRESHOLD),
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -150,6 +150,14 @@ def test_the_allocator_setting_is_entered_only_where_the_caller_asks_and_is_set_
         raise KeyError("set back on errors too")
     assert calls[-1] == (allocator._M_MMAP_THRESHOLD, allocator._GLIBC_LARGEST_THRESHOLD)
     calls.clear()
+    # nested (the command line's whole run around stylize's tiled levels): set on the outermost entry and set back
+    # only when it is left, not when the inner region is
+    with allocator.freed_memory_returned(torch.device("cpu")):
+        with allocator.freed_memory_returned(torch.device("cpu")):
+            pass
+        assert calls == [(allocator._M_MMAP_THRESHOLD, allocator.RETURNED_BLOCK)]
+    assert calls[-1] == (allocator._M_MMAP_THRESHOLD, allocator._GLIBC_LARGEST_THRESHOLD) and len(calls) == 2
+    calls.clear()
     import fusion_core.stylize as stylize_module
 
     content, style = smooth_image(61, 77, seed=1), smooth_image(54, 83, seed=2)
