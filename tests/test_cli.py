@@ -164,7 +164,7 @@ def test_with_a_memory_budget_the_whole_run_returns_freed_blocks(files, monkeypa
     out, style = str(files / "budget.png"), str(files / "style.png")
     assert run(files, "--style", style, "--out", out, "--quiet") == 0
     assert during == [[]] and calls == []  # no budget, no level in tiles: the allocator untouched
-    assert run(files, "--style", style, "--out", out, "--quiet", "--max-memory", "2") == 0
+    assert run(files, "--style", style, "--out", out, "--quiet", "--max-memory", "16") == 0
     assert during[1] == [(allocator._M_MMAP_THRESHOLD, allocator.RETURNED_BLOCK)]  # set before the first level
     assert calls == [
         (allocator._M_MMAP_THRESHOLD, allocator.RETURNED_BLOCK),
