@@ -167,7 +167,8 @@ def run_case(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = _clock(device)
-    with contextlib.suppress(Cancelled):  # after ``iterations`` iterations
+    # as the CLI does: freed blocks returned around levels in tiles, and around the whole run with a budget
+    with freed_memory_returned(device, enabled=budget > 0), contextlib.suppress(Cancelled):  # after ``iterations``
         stylize(
             vgg,
             content,
@@ -176,7 +177,7 @@ def run_case(
             on_progress=on_progress,
             on_level=on_level,
             should_stop=should_stop,
-            tiled_level=freed_memory_returned,  # as the CLI does
+            tiled_level=freed_memory_returned,
         )
     if device.type == "cuda":  # the GPU's own peak: what torch allocated there (the host's is not the limit)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
