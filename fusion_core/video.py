@@ -25,7 +25,7 @@ from .flow import FlowEstimator
 from .geometry import fit_longest
 from .images import check_image, resize
 from .stylize import stylize
-from .temporal import TemporalTerm, reliability, warp_sharp
+from .temporal import TemporalTerm, reliability, warp_spline
 from .vgg import VGGFeatures
 
 # Chosen with benchmarks/video.py (docs/video.md): 200 holds the reliable pixels to the moved previous result
@@ -138,5 +138,5 @@ def _warped_previous(flow: FlowEstimator, last: Tensor, last_photo: Tensor, phot
     with torch.no_grad():
         backward = flow(photo, last_photo)  # this frame -> the previous one
         forward = flow(last_photo, photo)  # the previous frame -> this one
-        # cubic: the bilinear blur would add up frame after frame (temporal.warp_sharp)
-        return warp_sharp(last, backward).clamp(0, 1), reliability(backward, forward)
+        # B-spline: a bilinear warp's blur, or a cubic one's sharpening, would add up frame after frame
+        return warp_spline(last, backward).clamp(0, 1), reliability(backward, forward)
