@@ -8,7 +8,6 @@ evaluation (tiling.py) builds on: ``terms``, ``terms_at(layer)``, ``layers``, ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -37,9 +36,7 @@ class Criterion:
         # float16's range needs the scale; bfloat16 has float32's (precision.GradientScale)
         self.gradient_scale = GradientScale(enabled=self.half_dtype == torch.float16)
         self.layers = {layer for term in terms for layer in term.module.layers}
-        # Called right after a full patch search, which frees large blocks (the level loop's: on a CPU it has the C
-        # allocator give them back before the rest of the pass allocates among them, allocator.trim_heaps)
-        self.after_full_search: Callable[[], None] | None = None
+        self.full_search = False  # whether the last evaluation ran a full patch search (PatchLoss.match)
         self._due: dict[str, list[Term]] = {}  # deepest layer of a term -> the terms evaluated there
         for term in terms:
             self._due.setdefault(max(term.module.layers, key=vgg.names.index), []).append(term)
@@ -67,15 +64,14 @@ class Criterion:
         activations: dict[str, Tensor] = {}  # as the network gives them: 16-bit under autocast
         features: dict[str, Tensor] = {}  # as the losses see them: float32
         values: dict[str, Tensor] = {}
+        self.full_search = False
 
         def evaluate(name: str, activation: Tensor) -> None:
             activations[name] = activation
             features[name] = scale.for_losses(activation)
             for kind, weight, module in self.terms_at(name):
                 if rematch and isinstance(module, PatchLoss):
-                    full = module.match(activations)  # the patch search runs under autocast too
-                    if full and self.after_full_search is not None:
-                        self.after_full_search()
+                    self.full_search |= module.match(activations)  # the patch search runs under autocast too
                 with float32_region(device):
                     values[kind] = values.get(kind, 0.0) + weight * module(features)
 

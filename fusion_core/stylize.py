@@ -52,6 +52,10 @@ class _WithPixelTerm:
         self.evaluator, self.term, self.margin = evaluator, term, margin
         self.gradient_scale = evaluator.gradient_scale
 
+    @property
+    def full_search(self) -> bool:
+        return self.evaluator.full_search
+
     def evaluate(self, image: Tensor, *, rematch: bool) -> dict[str, Tensor]:
         values = dict(self.evaluator.evaluate(image, rematch=rematch))
         m, (h, w) = self.margin, image.shape[-2:]
@@ -113,12 +117,6 @@ def stylize(
             region = tiled_level if plan.tile > 0 and tiled_level is not None else None
             with contextlib.nullcontext() if region is None else region(vgg.device):
                 criterion = build_criterion(vgg, target, level_styles, settings, shape, margin=margin, tile=plan.tile)
-                if vgg.device.type == "cpu":
-                    # A full search frees large blocks that glibc keeps in its heaps, and the rest of the pass only
-                    # fragmented them: an untiled 2048 px level in float32 peaked at 9-13 GB against an estimate of
-                    # 6.8 GB, 6.9 GB with the heaps trimmed after each full search (BENCHMARKS.md). A tiled level
-                    # searches in parts (tiling.TiledMatch) and its caller returns freed blocks as they go.
-                    criterion.after_full_search = trim_heaps
                 evaluator: Criterion | TiledCriterion = criterion
                 if plan.tile:
                     tiled = TiledCriterion(criterion, with_margin(shape, margin), plan.tile, plan.split)
@@ -249,11 +247,17 @@ def _optimise(
         optimizer: LBFGS | _Adam = _Adam(image, settings.learning_rate or 0.02)
     else:
         optimizer = LBFGS(image, lr=settings.learning_rate or 1, history_size=history)
+    trim = image.device.type == "cpu"
     for iteration in range(1, iterations + 1):
         if should_stop is not None and should_stop():
             raise Cancelled("stopped by the caller")
         rematch = (iteration - 1) % settings.rematch_every == 0
         losses, numbers = _evaluate(criterion, image, optimizer, rematch)
+        if trim and criterion.full_search:
+            # A full search frees large blocks that glibc keeps in its heaps, and the allocations after it only
+            # fragmented them: an untiled 2048 px level in float32 peaked at 9-13 GB against an estimate of 6.8 GB,
+            # 6.9 GB with the heaps trimmed after each full search (BENCHMARKS.md).
+            trim_heaps()
         optimizer.step(numbers)
         report(iteration, losses, image)
     return image.detach()

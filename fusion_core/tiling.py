@@ -233,6 +233,9 @@ class TiledCriterion:
 
     def __init__(self, criterion: Criterion, canvas: tuple[int, int], tile: int, split: str | None = None) -> None:
         self.criterion, self.canvas, self.split = criterion, canvas, split
+        # never a reason to trim the heaps between evaluations: a tiled level's caller may return freed blocks as they
+        # are freed (stylize's ``tiled_level``)
+        self.full_search = False
         self.vgg, self.gradient_scale = criterion.vgg, criterion.gradient_scale
         names = self.vgg.names
         depth = len(names) if split is None else names.index(split)
