@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from settings_args import setting_changes  # noqa: E402
+
 SHARED = ROOT.parent / "shared"
 
 
@@ -69,13 +73,7 @@ def main() -> None:
     parser.add_argument("--weights", default=str(SHARED / "models" / "vgg16_hed_caffe_fp16.safetensors"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    changes = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            changes[name] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[name] = value
+    changes = setting_changes(args.set)
     if args.child:
         child(args.child, changes, args.size, args.iterations, args.skip, args.weights)
         return

@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import metrics  # noqa: E402
 from compare import font, from_pil, source_digest  # noqa: E402
+from settings_args import setting_changes  # noqa: E402
 
 from fusion_core import GlobalStyle, LocalStyle, load_image, load_vgg  # noqa: E402
 from fusion_core.choices import term_weight  # noqa: E402
@@ -317,14 +318,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown pair(s) {unknown}; choose from {list(everything)}")
     changes = {k: v for k, v in (("size", args.size), ("iterations", args.iterations)) if v is not None}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            changes[name] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[name] = value
-        if isinstance(changes[name], list):
-            changes[name] = tuple(changes[name])
+    changes.update(setting_changes(args.set))
     settings = preset(args.preset, **changes)
     args.global_weight = term_weight(args.preset, "global", args.global_weight)
     args.local_weight = term_weight(args.preset, "local", args.local_weight)

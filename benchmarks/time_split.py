@@ -20,7 +20,6 @@ GPU they would measure the queueing (this script is for CPUs). Prints one row pe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from settings_args import setting_changes  # noqa: E402
 
 from fusion_core import GlobalStyle, LocalStyle, Settings, load_image, load_vgg  # noqa: E402
 from fusion_core import criterion as criterion_module  # noqa: E402
@@ -77,13 +78,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="change a Settings field")
     args = parser.parse_args()
-    changes: dict[str, object] = {"mixed_precision": args.mixed_precision}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            changes[name] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[name] = value
+    changes: dict[str, object] = {"mixed_precision": args.mixed_precision, **setting_changes(args.set)}
     settings = Settings(**changes)
     vgg = load_vgg(args.weights)
     content, style = load_image(args.content), load_image(args.style)
